@@ -1,0 +1,196 @@
+"""Datasets, transforms and loaders.
+
+cifar10 / cifar100: train 45k / val 5k held out from train (fixed split) / test 10k; the test
+set is never used to pick a model. tiny_imagenet: read from `DATA/tiny-imagenet-200` (train
+90k / val 10k held out / the official val set as test). digits: scikit-learn's bundled 8x8
+handwritten digits (a real dataset, no download) upscaled to 32x32x3, fixed stratified split
+60/20/20. synthetic: small, learnable class templates plus noise, for tests.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "tiny_imagenet")
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10, "synthetic": 10, "tiny_imagenet": 200}
+IMG_SIZE = {"cifar10": 32, "cifar100": 32, "digits": 32, "synthetic": 32, "tiny_imagenet": 64}
+MEAN_STD = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "tiny_imagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
+}
+SPLIT_SEED = 0  # the train/val split is fixed, independent of --seed
+
+
+class DataError(Exception):
+    """Missing or unreadable dataset: reported as one line, exit code 2."""
+
+
+class ImageTensors(Dataset):
+    """uint8 images [N, 3, H, W] with labels, transformed per sample."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), int(self.labels[i])
+
+
+@dataclass
+class DataSplits:
+    train: Dataset       # training transform (augmentation)
+    train_plain: Dataset  # the same images, evaluation transform (for calibration batches)
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    img_size: int
+
+
+def build_transforms(dataset: str, vit: bool, train: bool):
+    """Per-sample transform on uint8 images (or PIL): augmentation, then float + normalize."""
+    size = IMG_SIZE[dataset]
+    mean, std = MEAN_STD.get(dataset, ((0.5,) * 3, (0.5,) * 3))
+    ops = [v2.ToImage()]
+    if train and dataset != "synthetic":
+        ops.append(v2.RandomCrop(size, padding=size // 8 if dataset != "digits" else 2))
+        if dataset != "digits":  # digits are not mirror-symmetric
+            ops.append(v2.RandomHorizontalFlip())
+        if vit:  # small-data ViTs need strong augmentation (RECIPES.md)
+            ops.append(v2.TrivialAugmentWide())
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(ops)
+
+
+def _split(n: int, n_val: int) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return perm[n_val:], perm[:n_val]
+
+
+def _cifar(name: str, root: str):
+    from torchvision import datasets
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    try:
+        sets = [cls(root, train=t, download=False) for t in (True, False)]
+    except RuntimeError:
+        try:
+            sets = [cls(root, train=t, download=True) for t in (True, False)]
+        except Exception as e:  # no network, disk full, corrupt archive
+            url = cls.url
+            raise DataError(f"--dataset {name}: not found in {root}/{folder} and download failed "
+                            f"({type(e).__name__}); fetch {url} and extract it into {root}/") from None
+    as_tensors = lambda d: (torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
+                            torch.tensor(d.targets, dtype=torch.long))
+    (xtr, ytr), (xte, yte) = as_tensors(sets[0]), as_tensors(sets[1])
+    return xtr, ytr, xte, yte, 5000
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1)
+    y = torch.tensor(d.target, dtype=torch.long)
+    idx = torch.arange(len(y)).numpy()
+    rest, test = train_test_split(idx, test_size=0.2, stratify=y.numpy(), random_state=SPLIT_SEED)
+    train, val = train_test_split(rest, test_size=0.25, stratify=y.numpy()[rest], random_state=SPLIT_SEED)
+    return [(x[torch.from_numpy(i)], y[torch.from_numpy(i)]) for i in (train, val, test)]
+
+
+def _synthetic(n_train: int, num_classes: int = 10, size: int = 32):
+    """Class templates (smooth random patterns) plus per-image noise and brightness jitter."""
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    templates = F.interpolate(torch.randn(num_classes, 3, 4, 4, generator=g), size=size,
+                              mode="bilinear", align_corners=False)
+    sizes = (n_train, max(64, n_train // 4), max(64, n_train // 4))
+    out = []
+    for n in sizes:
+        y = torch.arange(n) % num_classes
+        noise = torch.randn(n, 3, size, size, generator=g)
+        shift = 0.3 * torch.randn(n, 1, 1, 1, generator=g)
+        x = 128 + 50 * (templates[y] + 0.8 * noise + shift)
+        out.append((x.clamp(0, 255).round().to(torch.uint8), y))
+    return out
+
+
+def _tiny_imagenet(root: str):
+    from torchvision.datasets import ImageFolder
+    base = os.path.join(root, "tiny-imagenet-200")
+    train_dir, val_dir = os.path.join(base, "train"), os.path.join(base, "val")
+    ann = os.path.join(val_dir, "val_annotations.txt")
+    if not (os.path.isdir(train_dir) and os.path.isfile(ann)):
+        raise DataError(f"--dataset tiny_imagenet: {base}/train and {base}/val/val_annotations.txt "
+                        "not found; download tiny-imagenet-200.zip and unzip it into "
+                        f"{root}/ (it cannot be fetched automatically)")
+    train = ImageFolder(train_dir)
+    with open(ann) as f:
+        rows = [line.split("\t")[:2] for line in f if line.strip()]
+    test = [(os.path.join(val_dir, "images", name), train.class_to_idx[wnid]) for name, wnid in rows]
+    return train, test
+
+
+class _FileImages(Dataset):
+    def __init__(self, samples, transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            return self.transform(im.convert("RGB")), label
+
+
+def load_splits(name: str, root: str, vit: bool, synthetic_size: int = 512) -> DataSplits:
+    """The train / val / test splits of dataset `name` with the recipe's transforms."""
+    if name not in DATASETS:
+        raise DataError(f"--dataset {name!r} is unknown; choose from {', '.join(DATASETS)}")
+    tr, ev = build_transforms(name, vit, True), build_transforms(name, vit, False)
+    if name == "tiny_imagenet":
+        train_set, test_samples = _tiny_imagenet(root)
+        tr_idx, va_idx = _split(len(train_set.samples), 10000)
+        pick = lambda idx: [train_set.samples[i] for i in idx.tolist()]
+        return DataSplits(_FileImages(pick(tr_idx), tr), _FileImages(pick(tr_idx), ev),
+                          _FileImages(pick(va_idx), ev), _FileImages(test_samples, ev), 200, 64)
+    if name in ("cifar10", "cifar100"):
+        xtr, ytr, xte, yte, n_val = _cifar(name, root)
+        tr_idx, va_idx = _split(len(ytr), n_val)
+        parts = [(xtr[tr_idx], ytr[tr_idx]), (xtr[va_idx], ytr[va_idx]), (xte, yte)]
+    elif name == "digits":
+        parts = _digits()
+    else:
+        parts = _synthetic(synthetic_size)
+    (xa, ya), (xv, yv), (xt, yt) = parts
+    return DataSplits(ImageTensors(xa, ya, tr), ImageTensors(xa, ya, ev), ImageTensors(xv, yv, ev),
+                      ImageTensors(xt, yt, ev), NUM_CLASSES[name], IMG_SIZE[name])
+
+
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int,
+                generator: torch.Generator | None = None, drop_last: bool = False) -> DataLoader:
+    """A DataLoader whose order (and worker seeds) come from `generator` when shuffling."""
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      generator=generator, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False)
+
+
+def calibration_batches(ds: Dataset, batches: int, batch_size: int, seed: int) -> list:
+    """`batches` fixed batches of un-augmented training images for activation criteria."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds), generator=g)[: batches * batch_size].tolist()
+    out = []
+    for b in range(0, len(idx), batch_size):
+        items = [ds[i] for i in idx[b:b + batch_size]]
+        out.append((torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])))
+    return out

@@ -1,0 +1,124 @@
+"""Training recipes, one epoch of training, evaluation.
+
+Recipes (README "Training recipes" cites the sources):
+- CNN (ResNets, VGG): SGD lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, lr x0.1 at 50 %
+  and 75 % of the state's steps (open_lth's cifar_resnet_20 schedule, scaled to --epochs).
+- ViT: AdamW lr 1e-3, weight decay 0.05, linear warmup (5 epochs, at most 1/8 of the state),
+  cosine decay, label smoothing 0.1, TrivialAugment + crop/flip, mixup 0.8 / cutmix 1.0,
+  stochastic depth 0.1 (the "ViT for small datasets" recipe, without repeated augmentation).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+RECIPES = {
+    "cnn": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, warmup=0.0,
+                lr_schedule="step", label_smoothing=0.0, mixup=0.0, cutmix=0.0),
+    "vit": dict(optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05, warmup=5.0,
+                lr_schedule="cosine", label_smoothing=0.1, mixup=0.8, cutmix=1.0),
+}
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or Inf loss."""
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """SGD or AdamW; no weight decay on biases, norms, and position/class tokens."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or n in skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, milestones: list[int]) -> float:
+    """Multiplier of the base lr at optimizer step `step`: warmup, then cosine or steps x0.1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return 0.1 ** sum(step >= m for m in milestones)
+
+
+def build_scheduler(optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float,
+                    schedule: str, decreasing_lr: list[int] | None) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step LambdaLR over one state of `epochs` epochs. Step milestones are the epochs
+    in `decreasing_lr`, or 50 % and 75 % of the state's steps when it is None."""
+    total, warmup = steps_per_epoch * epochs, int(round(warmup_epochs * steps_per_epoch))
+    if decreasing_lr is None:
+        milestones = [total // 2, total * 3 // 4]
+    else:
+        milestones = [e * steps_per_epoch for e in decreasing_lr]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, schedule, milestones))
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, device: torch.device,
+                    after_step: Callable[[], None], label_smoothing: float = 0.0,
+                    mixup_fn=None, desc: str = "") -> dict:
+    """One epoch; `after_step` runs after every optimizer step (RSST penalty, mask re-apply)."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen, lr = 0, optimizer.param_groups[0]["lr"]
+    bar = tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty())
+    for x, y in bar:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        target = y
+        if mixup_fn is not None and len(y) % 2 == 0:
+            x, target = mixup_fn(x, y)
+        with _autocast(device):
+            out = model(x)
+        if target.dim() == 2:  # soft targets from mixup/cutmix (already label-smoothed)
+            loss = torch.sum(-target * F.log_softmax(out.float(), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(out.float(), target, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        after_step()
+        loss_sum += loss.detach() * len(y)
+        correct += (out.argmax(1) == y).sum()
+        seen += len(y)
+    loss = float(loss_sum) / max(1, seen)
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"training loss is {loss}")
+    return {"loss": loss, "acc": 100.0 * float(correct) / max(1, seen),
+            "lr": lr}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
+    """Mean cross-entropy and top-1 accuracy (%) on `loader`."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device):
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+        seen += len(y)
+    return {"loss": float(loss_sum) / max(1, seen), "acc": 100.0 * float(correct) / max(1, seen)}
