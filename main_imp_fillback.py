@@ -30,6 +30,7 @@ from trainer import RECIPES, NonFiniteLoss, build_optimizer, build_scheduler, ev
 from vit_pruning_utils import VIT_TARGETS, head_groups, head_report, neuron_groups, vit_unit_groups
 
 RUNTIME_KEYS = ("config", "resume", "checkpoint", "overwrite", "wandb", "device", "workers")
+RUN_KEYS = ("save_dir", "exp_name")  # name a run: not taken from --config, kept on --resume
 OUTPUT_GLOBS = ("*checkpoint.pth.tar", "*model_SA_best.pth.tar", "latest.pth.tar", "rewind.pth.tar",
                 "summary.csv", "summary.json", "args.yaml", "*.png")
 
@@ -118,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         unknown = sorted(set(cfg) - set(vars(args)))
         if unknown:
             raise UsageError(f"--config {args.config}: unknown keys {', '.join(unknown)}")
-        parser.set_defaults(**{k: v for k, v in cfg.items() if k not in RUNTIME_KEYS})
+        parser.set_defaults(**{k: v for k, v in cfg.items() if k not in RUNTIME_KEYS + RUN_KEYS})
         args = parser.parse_args(argv)
     return args
 
@@ -556,9 +557,9 @@ def setup_run(argv: list[str] | None) -> tuple[argparse.Namespace, dict | None]:
         resume_ck = load_resume_checkpoint(args)
         saved = resume_ck["config"]
         for k, v in saved.items():
-            if k not in RUNTIME_KEYS:
+            if k not in RUNTIME_KEYS + ("save_dir",):
                 setattr(args, k, v)
-        if args.checkpoint and not args.save_dir:
+        if not args.save_dir:
             args.save_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     resolve_recipe(args)
     existing = find_existing_run(args.save_dir) if os.path.isdir(args.save_dir) else []
@@ -570,26 +571,43 @@ def setup_run(argv: list[str] | None) -> tuple[argparse.Namespace, dict | None]:
         if args.overwrite:
             for f in existing:
                 os.remove(f)
-        if not args.resume:
-            with open(os.path.join(args.save_dir, "args.yaml"), "w") as f:
-                yaml.safe_dump({k: v for k, v in vars(args).items() if k not in RUNTIME_KEYS}, f, sort_keys=True)
     except OSError as e:
         raise UsageError(f"--save_dir {args.save_dir}: cannot write ({e.strerror})") from None
     return args, resume_ck
+
+
+def write_args(args: argparse.Namespace) -> None:
+    """args.yaml: the resolved config; `--config args.yaml` replays the run."""
+    with open(os.path.join(args.save_dir, "args.yaml"), "w") as f:
+        yaml.safe_dump({k: v for k, v in vars(args).items() if k not in RUNTIME_KEYS}, f, sort_keys=True)
+
+
+def last_good_checkpoint(save_dir: str) -> str:
+    path = os.path.join(save_dir, "latest.pth.tar")
+    return path if os.path.isfile(path) else "none yet (failed in the first epoch)"
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args, resume_ck = setup_run(argv)
         run = IMPRun(args, resume_ck)
+        if resume_ck is None:
+            write_args(args)
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         run.run(resume_ck)
     except NonFiniteLoss as e:
-        last = os.path.join(args.save_dir, "latest.pth.tar")
-        print(f"error: {e}; stopped. Last good checkpoint: {last}", file=sys.stderr)
+        print(f"error: {e}; run stopped. Last good checkpoint: {last_good_checkpoint(args.save_dir)}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted. Continue with: python main_imp_fillback.py --resume --save_dir {args.save_dir}",
+              file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"error: {e}; last good checkpoint: {last_good_checkpoint(args.save_dir)}", file=sys.stderr)
         return 1
     print(f"done: outputs in {args.save_dir}")
     return 0

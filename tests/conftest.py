@@ -1,0 +1,24 @@
+"""Shared test setup: the repository root on sys.path, wandb off, small runs in tmp dirs."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture
+def run_main(tmp_path, capsys):
+    """Run main_imp_fillback.main in-process with small defaults; returns (rc, save_dir, stderr)."""
+    from main_imp_fillback import main
+
+    def _run(*flags, save_dir=None, small=True):
+        save_dir = str(save_dir or tmp_path / "run")
+        argv = list(flags) + ["--save_dir", save_dir, "--wandb", "disabled"]
+        if small:
+            argv += ["--dataset", "synthetic", "--synthetic_size", "96", "--batch_size", "32"]
+        rc = main(argv)
+        return rc, save_dir, capsys.readouterr().err
+    return _run
