@@ -1,0 +1,139 @@
+"""RSST: the lambda schedules and the decoupled growing penalty on P = M and not R."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rsst
+
+E1 = math.e - 1.0
+
+
+def expected_lambda(t: int, total: int, g: float, schedule: str, n: float) -> float:
+    """ALGORITHM.md: lambda(t) = g * f((t+1)/T)."""
+    u = (t + 1) / total
+    f = {
+        "x": u,
+        "x^2": u ** 2,
+        "x^3": u ** 3,
+        "exp": (math.exp(u) - 1) / E1,
+        "exp_custom": (math.exp(u) - 1) / E1,
+        "exp_custom_exponents": (math.exp(u ** n) - 1) / E1,
+    }[schedule]
+    return g * f
+
+
+def test_schedules_are_the_six_documented_ones():
+    assert set(rsst.SCHEDULES) == {"x", "x^2", "x^3", "exp", "exp_custom", "exp_custom_exponents"}
+
+
+@pytest.mark.parametrize("schedule", sorted(rsst.SCHEDULES))
+@pytest.mark.parametrize("g, total, n", [(1.0, 1000, 4), (0.5, 200, 2), (3.0, 10, 3)])
+def test_reg_lambda_matches_formula_at_start_middle_end(schedule, g, total, n):
+    for t in (0, total // 2 - 1, total - 1):
+        got = rsst.reg_lambda(t, total, g, schedule, exponents=n)
+        assert got == pytest.approx(expected_lambda(t, total, g, schedule, n), rel=1e-12, abs=1e-300), t
+    assert rsst.reg_lambda(total - 1, total, g, schedule, exponents=n) == g  # reaches g exactly
+
+
+@pytest.mark.parametrize("schedule", sorted(rsst.SCHEDULES))
+def test_reg_lambda_middle_is_f_of_one_half(schedule):
+    f_half = {"x": 0.5, "x^2": 0.25, "x^3": 0.125, "exp": (math.sqrt(math.e) - 1) / E1,
+              "exp_custom": (math.sqrt(math.e) - 1) / E1,
+              "exp_custom_exponents": (math.exp(0.5 ** 4) - 1) / E1}[schedule]
+    assert rsst.reg_lambda(499, 1000, 2.0, schedule, exponents=4) == pytest.approx(2.0 * f_half, rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule", sorted(rsst.SCHEDULES))
+def test_reg_lambda_grows_from_near_zero_to_g(schedule):
+    g, total = 2.5, 1000
+    lams = [rsst.reg_lambda(t, total, g, schedule, exponents=4) for t in range(total)]
+    assert all(b >= a for a, b in zip(lams, lams[1:]))
+    assert 0 <= lams[0] < g * 0.01
+    if schedule == "x":
+        assert lams[0] == pytest.approx(g / total)
+    assert lams[-1] == g
+    assert lams[total // 2] < g  # it grows over the state, not at once
+
+
+@pytest.mark.parametrize("schedule", sorted(rsst.SCHEDULES))
+def test_reg_lambda_stays_at_g_past_the_last_step(schedule):
+    assert rsst.reg_lambda(150, 100, 0.7, schedule) == 0.7
+
+
+# --------------------------------------------------------------------------- penalty
+def make_case(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    weights = {"a": torch.randn(8, 4, 3, 3, generator=g), "b": torch.randn(16, 8, generator=g),
+               "c": torch.randn(5, generator=g)}
+    penalty = {"a": (torch.rand(8, 4, 3, 3, generator=g) < 0.5).float(),
+               "b": (torch.rand(16, 8, generator=g) < 0.3).float(),
+               "c": torch.zeros(5)}
+    return weights, penalty
+
+
+def test_penalty_step_shrinks_only_penalized_weights():
+    weights, penalty = make_case()
+    lr0, g, total = 0.1, 2.0, 5
+    pen = rsst.RSSTPenalty(weights, penalty, lr0=lr0, strength=g, schedule="x", exponents=4,
+                           total_steps=total)
+    assert pen.active
+    for t in range(total):
+        before = {n: w.clone() for n, w in weights.items()}
+        lam = pen.step()
+        assert lam == pytest.approx(rsst.reg_lambda(t, total, g, "x"))
+        assert pen.last_lambda == lam
+        assert pen.step_count == t + 1
+        for n, w in weights.items():
+            p = penalty[n] > 0
+            assert torch.allclose(w[p], before[n][p] * (1 - lr0 * lam), rtol=1e-6, atol=0), n
+            assert torch.equal(w[~p], before[n][~p]), n  # untouched, bit for bit
+
+
+def test_penalty_updates_the_weights_in_place():
+    weights, penalty = make_case()
+    param = torch.nn.Parameter(weights["a"].clone())
+    pen = rsst.RSSTPenalty({"a": param}, {"a": penalty["a"]}, lr0=0.5, strength=1.0, schedule="x^2",
+                           exponents=4, total_steps=3)
+    pen.step()
+    pen.step()
+    assert not torch.equal(param.detach(), weights["a"])
+
+
+def test_penalty_resumes_from_a_given_step():
+    weights, penalty = make_case()
+    pen = rsst.RSSTPenalty(weights, penalty, lr0=0.1, strength=1.0, schedule="exp", exponents=4,
+                           total_steps=100, step=40)
+    assert pen.current_lambda() == rsst.reg_lambda(40, 100, 1.0, "exp")
+    assert pen.step() == rsst.reg_lambda(40, 100, 1.0, "exp")
+    assert pen.step_count == 41
+
+
+@pytest.mark.parametrize("schedule", sorted(rsst.SCHEDULES))
+def test_penalized_norm_falls_monotonically(schedule):
+    weights, penalty = make_case(seed=1)
+    pen = rsst.RSSTPenalty(weights, penalty, lr0=0.1, strength=5.0, schedule=schedule, exponents=2,
+                           total_steps=50)
+    expected_start = math.sqrt(sum(float((w * penalty[n]).pow(2).sum()) for n, w in weights.items()))
+    norms = [pen.penalized_norm()]
+    assert norms[0] == pytest.approx(expected_start, rel=1e-5)
+    for _ in range(50):
+        pen.step()
+        norms.append(pen.penalized_norm())
+    assert all(b < a for a, b in zip(norms, norms[1:]))
+    assert norms[-1] < norms[0]
+
+
+def test_all_zero_penalty_mask_is_inactive():
+    weights, _ = make_case()
+    before = {n: w.clone() for n, w in weights.items()}
+    pen = rsst.RSSTPenalty(weights, {n: torch.zeros_like(w) for n, w in weights.items()}, lr0=0.1,
+                           strength=1.0, schedule="x", exponents=4, total_steps=10)
+    assert not pen.active
+    assert pen.penalized_norm() == 0.0
+    for _ in range(3):
+        pen.step()
+    assert pen.step_count == 3
+    assert all(torch.equal(weights[n], before[n]) for n in weights)
