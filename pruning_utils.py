@@ -63,33 +63,49 @@ def imp_keep_count(total: int, rate: float, prunings: int) -> int:
     return int(math.floor(total * (1.0 - rate) ** prunings + 0.5))
 
 
+def kth_smallest(values: torch.Tensor, k: int, sample: int = 65536) -> torch.Tensor:
+    """The k-th smallest entry (1-based) of a flat tensor, exactly, as a 0-dim tensor.
+
+    A full `kthvalue` of tens of millions of values dominates a pruning step. A strided
+    sample brackets the answer; the exact selection then runs on the values inside the
+    bracket (a few percent). When the bracket misses, the full `kthvalue` runs instead.
+    """
+    n = values.numel()
+    step = n // sample
+    if step >= 16:
+        s = torch.sort(values[::step].cpu()).values
+        r, margin = (k - 1) * s.numel() // n, 4 * int(math.sqrt(s.numel())) + 8
+        lo, hi = s[max(0, r - margin)].to(values.device), s[min(s.numel() - 1, r + margin)].to(values.device)
+        below = int((values < lo).count_nonzero())
+        band = values[(values >= lo) & (values <= hi)]
+        if below < k <= below + band.numel():
+            return torch.kthvalue(band.cpu(), k - below).values.to(values.device)
+    return torch.kthvalue(values.cpu(), k).values.to(values.device)
+
+
 @torch.no_grad()
 def global_magnitude_prune(weights: dict[str, torch.Tensor], alive: Masks, keep: int) -> Masks:
     """Keep the `keep` largest |w| among weights alive in `alive`: one threshold for all layers.
 
     Weights tied at the threshold are kept in flat index order, so the count is exact and the
-    result is deterministic.
+    result is deterministic. One tensor-level selection over all prunable weights: a handful
+    of ops on one flat vector, whatever the number of layers; the returned masks are views
+    into one flat buffer.
     """
     names = list(alive)
-    scores = torch.cat([torch.where(alive[n] > 0, weights[n].detach().abs().float(), -1.0).flatten()
-                        for n in names])
-    n_alive = int((scores >= 0).sum())
-    keep = max(0, min(keep, n_alive))
-    if keep == 0:
-        flat = torch.zeros_like(scores, dtype=torch.bool)
-    else:
-        thr = torch.kthvalue(scores.cpu(), scores.numel() - keep + 1).values.to(scores.device)
-        flat = scores > thr
-        missing = keep - int(flat.sum())
+    mag = torch.cat([weights[n].detach().reshape(-1) for n in names]).abs_().float()
+    live = torch.cat([alive[n].reshape(-1) for n in names]) > 0
+    mag.masked_fill_(~live, -1.0)  # dead weights rank below every alive one
+    keep = max(0, min(keep, int(live.count_nonzero())))
+    flat = torch.zeros_like(live)
+    if keep > 0:
+        thr = kth_smallest(mag, mag.numel() - keep + 1)  # >= 0: an alive magnitude
+        flat = mag > thr
+        missing = keep - int(flat.count_nonzero())
         if missing > 0:  # ties at the threshold: first indices win
-            tied = torch.nonzero(scores == thr).flatten()[:missing]
-            flat[tied] = True
-    out, start = {}, 0
-    for n in names:
-        size = alive[n].numel()
-        out[n] = flat[start:start + size].view_as(alive[n]).float()
-        start += size
-    return out
+            flat[torch.nonzero(mag == thr).flatten()[:missing]] = True
+    parts = flat.float().split([alive[n].numel() for n in names])
+    return {n: p.view_as(alive[n]) for n, p in zip(names, parts)}
 
 
 # ------------------------------------------------------------------------------ units
@@ -319,7 +335,8 @@ def regroup(groups: list[UnitGroup], weights: dict[str, torch.Tensor], masks: Ma
             keep.update(select_global({n: scores[n] for n in names}, {n: budgets[n] for n in names}))
     else:
         keep = {g.layer: select_layerwise(scores[g.layer], budgets[g.layer]) for g in groups}
-    out = {n: m.clone() for n, m in masks.items()}
+    regrouped = {m.name for g in groups for m in g.members}
+    out = {n: m if n in regrouped else m.clone() for n, m in masks.items()}  # members replaced below
     for g in groups:
         for m in g.members:
             out[m.name] = expand_units(keep[g.layer], m, masks[m.name])

@@ -61,6 +61,14 @@ class CifarResNet(nn.Module):
         """Names of the modules whose `.weight` is pruned: every conv but the stem."""
         return [n for n, m in self.named_modules() if isinstance(m, nn.Conv2d) and n != "conv1"]
 
+    def channel_chains(self) -> list[tuple[str, str, str]]:
+        """(producer conv, its BN, consumer) of every block-internal channel dimension:
+        conv1 -> bn1 -> ReLU -> conv2. Between them only BN and ReLU act, so a channel whose
+        filter is zero reaches conv2 as a constant. Residual-stream channels (conv2 and
+        shortcut outputs) are tied to the sum and are not listed."""
+        return [(f"{n}.conv1", f"{n}.bn1", f"{n}.conv2") for n, m in self.named_modules()
+                if isinstance(m, BasicBlock)]
+
 
 def res20s(num_classes: int, img_size: int = 32, width: int = 16) -> CifarResNet:
     return CifarResNet([3, 3, 3], [width, 2 * width, 4 * width], num_classes)

@@ -29,6 +29,14 @@ class VGG(nn.Module):
         convs = [n for n, m in self.named_modules() if isinstance(m, nn.Conv2d)]
         return convs[1:]
 
+    def channel_chains(self) -> list[tuple[str, str, str]]:
+        """(producer conv, its BN, consumer) for each conv: the next conv, or the classifier
+        after the last. Between them only BN, ReLU, max pooling (no padding) and the global
+        average pool act, so a channel whose filter is zero reaches the consumer as a constant."""
+        convs = [n for n, m in self.named_modules() if isinstance(m, nn.Conv2d)]
+        norms = [n for n, m in self.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        return list(zip(convs, norms, convs[1:] + ["classifier"]))
+
 
 def vgg16_bn(num_classes: int, img_size: int = 32, width_div: int = 1) -> VGG:
     return VGG(CFG16, num_classes, width_div)
