@@ -39,7 +39,8 @@ def write_summary(save_dir: str, rows: list[dict]) -> None:
     os.replace(os.path.join(save_dir, "summary.csv.tmp"), os.path.join(save_dir, "summary.csv"))
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -48,7 +49,7 @@ def _pyplot():
 
 def plot_state(path: str, history: list[dict], title: str) -> None:
     """Accuracy and loss per epoch (train / val / test) of one state."""
-    plt = _pyplot()
+    plt = pyplot()
     ep = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for key in ("train", "val", "test"):
@@ -64,7 +65,7 @@ def plot_state(path: str, history: list[dict], title: str) -> None:
 
 def plot_lambda(path: str, steps: list[int], lambdas: list[float], norms: list[float], title: str) -> None:
     """RSST: lambda and the penalized weights' norm ratio over the state's optimizer steps."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, a = plt.subplots(figsize=(6, 3.6))
     a.plot(steps, lambdas, color="tab:red", label="reg_lambda")
     a.set(xlabel="optimizer step in state", ylabel="lambda", title=title)
@@ -79,7 +80,7 @@ def plot_lambda(path: str, steps: list[int], lambdas: list[float], norms: list[f
 
 def plot_summary(path: str, rows: list[dict], title: str) -> None:
     """Test accuracy against remaining prunable weights over the states (log x)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, a = plt.subplots(figsize=(6, 4))
     x = [r["remaining_weights"] for r in rows]
     a.plot(x, [r["final_test_acc"] for r in rows], marker="o", label="test acc (state ticket)")
