@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "tiny_imagenet")
@@ -31,7 +31,18 @@ class DataError(Exception):
     """Missing or unreadable dataset: reported as one line, exit code 2."""
 
 
-class ImageTensors(Dataset):
+class SeededTransforms(Dataset):
+    """Base of our datasets: sample i's random augmentation is seeded by (epoch_seed, i), so an
+    epoch's data is the same whichever worker loads it and wherever a run resumes."""
+    epoch_seed = 0
+
+    def _apply(self, i: int, img):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.epoch_seed * 1_000_003 + i) % (2 ** 63))
+            return self.transform(img)
+
+
+class ImageTensors(SeededTransforms):
     """uint8 images [N, 3, H, W] with labels, transformed per sample."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
@@ -41,7 +52,27 @@ class ImageTensors(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        return self.transform(self.images[i]), int(self.labels[i])
+        return self._apply(i, self.images[i]), int(self.labels[i])
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled indices from `set_epoch(seed)` alone, sharded over `world` ranks (equal shards),
+    optionally starting `start` samples into the rank's order (a resumed epoch)."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.n, self.rank, self.world = n, rank, world
+        self.seed, self.start = 0, 0
+
+    def set_epoch(self, seed: int, start: int = 0) -> None:
+        self.seed, self.start = seed, start
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
+        shard = perm[: self.n // self.world * self.world][self.rank::self.world]
+        return iter(shard[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.n // self.world - self.start
 
 
 @dataclass
@@ -139,7 +170,7 @@ def _tiny_imagenet(root: str):
     return train, test
 
 
-class _FileImages(Dataset):
+class _FileImages(SeededTransforms):
     def __init__(self, samples, transform):
         self.samples, self.transform = samples, transform
 
@@ -150,7 +181,7 @@ class _FileImages(Dataset):
         from PIL import Image
         path, label = self.samples[i]
         with Image.open(path) as im:
-            return self.transform(im.convert("RGB")), label
+            return self._apply(i, im.convert("RGB")), label
 
 
 def load_splits(name: str, root: str, vit: bool, synthetic_size: int = 512) -> DataSplits:
@@ -177,12 +208,11 @@ def load_splits(name: str, root: str, vit: bool, synthetic_size: int = 512) -> D
                       ImageTensors(xt, yt, ev), NUM_CLASSES[name], IMG_SIZE[name])
 
 
-def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int,
-                generator: torch.Generator | None = None, drop_last: bool = False) -> DataLoader:
-    """A DataLoader whose order (and worker seeds) come from `generator` when shuffling."""
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      generator=generator, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+def make_loader(ds: Dataset, batch_size: int, workers: int, sampler: Sampler | None = None,
+                drop_last: bool = False) -> DataLoader:
+    """A DataLoader in `sampler` order (sequential without one)."""
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
 def calibration_batches(ds: Dataset, batches: int, batch_size: int, seed: int) -> list:

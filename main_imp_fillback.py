@@ -13,6 +13,7 @@ import glob
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -22,14 +23,16 @@ import torch
 import yaml
 
 import pruning_utils as pu
-from dataset import DATASETS, DataError, calibration_batches, load_splits, make_loader
+from dataset import DATASETS, DataError, EpochSampler, calibration_batches, load_splits, make_loader
+from distributed import all_sum, any_rank, broadcast_masks, init_distributed, shutdown
+from mask_plots import load_state_masks, plot_masks, unit_kinds
 from models import MODEL_NAMES, create_model, is_vit
 from reporting import Logger, plot_lambda, plot_state, plot_summary, save_atomic, write_summary
 from rsst import SCHEDULES, RSSTPenalty
 from trainer import RECIPES, NonFiniteLoss, build_optimizer, build_scheduler, evaluate, train_one_epoch
-from vit_pruning_utils import VIT_TARGETS, head_groups, head_report, neuron_groups, vit_unit_groups
+from vit_pruning_utils import VIT_TARGETS, head_report, vit_unit_groups
 
-RUNTIME_KEYS = ("config", "resume", "checkpoint", "overwrite", "wandb", "device", "workers")
+RUNTIME_KEYS = ("config", "resume", "checkpoint", "overwrite", "wandb", "device", "workers", "threads")
 RUN_KEYS = ("save_dir", "exp_name")  # name a run: not taken from --config, kept on --resume
 OUTPUT_GLOBS = ("*checkpoint.pth.tar", "*model_SA_best.pth.tar", "latest.pth.tar", "rewind.pth.tar",
                 "summary.csv", "summary.json", "args.yaml", "*.png")
@@ -37,10 +40,6 @@ OUTPUT_GLOBS = ("*checkpoint.pth.tar", "*model_SA_best.pth.tar", "latest.pth.tar
 
 class UsageError(Exception):
     """Bad command line or input: one line on stderr, exit code 2."""
-
-
-class RunFailure(Exception):
-    """A failure during the run: exit code 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (CNN 0, ViT 1.0)")
     g.add_argument("--seed", type=int, default=1, help="seeds python, numpy and torch")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     g = p.add_argument_group("Pruning")
     g.add_argument("--struct", default="rsst", choices=["rsst", "refill"], help="how to reach the structured mask")
     g.add_argument("--unstructured", action="store_true", help="skip the regroup (R = M): plain unstructured IMP")
@@ -138,6 +138,7 @@ def validate(args: argparse.Namespace) -> None:
         (args.synthetic_size >= 16, f"--synthetic_size {args.synthetic_size}: must be >= 16"),
         (args.lr is None or args.lr > 0, f"--lr {args.lr}: must be > 0"),
         (args.workers is None or args.workers >= 0, f"--workers {args.workers}: must be >= 0"),
+        (args.threads >= 0, f"--threads {args.threads}: must be >= 0"),
         (not args.vit_structured or is_vit(args.arch),
          f"--vit_structured needs a ViT arch (got --arch {args.arch}); CNNs regroup channels by default"),
         (args.prune_type != "pt" or args.pretrained, "--prune_type pt needs --pretrained FILE"),
@@ -215,6 +216,53 @@ def epoch_seed(seed: int, state: int, epoch: int) -> int:
     return (seed * 1_000_003 + state * 10_007 + epoch * 101 + 17) % (2 ** 63)
 
 
+def rng_states() -> dict:
+    """Every RNG the training step draws from (dropout, drop path, mixup), for exact resume."""
+    out = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop finishes its step, writes a checkpoint and exits."""
+    signum: int | None = None
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def install_stop_handlers(stop: StopFlag) -> dict:
+    """SIGINT/SIGTERM set `stop` (a second SIGINT interrupts at once); returns the old handlers."""
+    def handler(signum, frame):
+        if stop.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.signum = signum
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+    return previous
+
+
+def restore_handlers(previous: dict) -> None:
+    for sig, h in previous.items():
+        signal.signal(sig, h)
+
+
 @dataclass
 class Ticket:
     """The masks of one state: H trained under, M unstructured, R structured target, P penalized."""
@@ -252,35 +300,54 @@ def find_existing_run(save_dir: str) -> list[str]:
 class IMPRun:
     """One IMP run: states of training, pruning, regrouping and rewinding."""
 
-    def __init__(self, args: argparse.Namespace, resume_ck: dict | None):
-        self.args = args
-        self.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                                   else ("cpu" if args.device == "auto" else args.device))
+    def __init__(self, args: argparse.Namespace, resume_ck: dict | None, stop: StopFlag | None = None):
+        self.args, self.stop = args, stop or StopFlag()
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.dist = init_distributed(args.device)
+        self.device = self._device()
         self.vit = is_vit(args.arch)
         seed_all(args.seed)
         self.data = load_splits(args.dataset, args.data, self.vit, args.synthetic_size)
         self.model = create_model(args.arch, self.data.num_classes, self.data.img_size).to(self.device)
         self.weights = pu.prunable_weights(self.model)
         self.groups = self._regroup_groups()
-        self.report = {"heads": head_groups(self.model), "neurons": neuron_groups(self.model)} if self.vit \
-            else {"channels": pu.channel_groups(self.model)}
-        self.generator = torch.Generator()
-        self.train_loader = make_loader(self.data.train, args.batch_size, True, args.workers,
-                                        self.generator, drop_last=len(self.data.train) >= 2 * args.batch_size)
-        self.val_loader = make_loader(self.data.val, 2 * args.batch_size, False, args.workers)
-        self.test_loader = make_loader(self.data.test, 2 * args.batch_size, False, args.workers)
+        self.report = unit_kinds(self.model)
+        self.state_masks: list[dict] = []  # each finished state's hard mask, for masks.png
+        self.sampler = EpochSampler(len(self.data.train), self.dist.rank, self.dist.world)
+        per_rank = max(1, args.batch_size // self.dist.world)
+        self.train_batch = per_rank
+        self.train_loader = make_loader(self.data.train, per_rank, args.workers, self.sampler,
+                                        drop_last=len(self.sampler) >= 2 * per_rank)
+        self.val_loader = make_loader(self.data.val, 2 * args.batch_size, args.workers)
+        self.test_loader = make_loader(self.data.test, 2 * args.batch_size, args.workers)
         self.steps_per_epoch = len(self.train_loader)
         self.mixup = self._mixup()
         self.rows: list[dict] = []
         self.global_step = 0
         self._init_weights(resume_ck)
-        ones = pu.ones_masks(self.model)
-        zeros = {n: torch.zeros_like(m) for n, m in ones.items()}
-        self.ticket = Ticket({n: m.to(self.device) for n, m in ones.items()}, ones, ones, zeros)
-        self.logger = Logger(args.wandb, args.wandb_project, args.exp_name, vars(args), args.save_dir,
+        ones = {n: m.to(self.device) for n, m in pu.ones_masks(self.model).items()}
+        self.ticket = Ticket(ones, ones, ones, {n: torch.zeros_like(m) for n, m in ones.items()})
+        self.net = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            self.net = DistributedDataParallel(self.model, device_ids=[self.dist.local_rank]
+                                               if self.device.type == "cuda" else None)
+        mode = args.wandb if self.dist.is_main else "disabled"
+        self.logger = Logger(mode, args.wandb_project, args.exp_name, vars(args), args.save_dir,
                              (resume_ck or {}).get("wandb_id"))
 
     # ---- setup
+    def _device(self) -> torch.device:
+        a = self.args
+        if a.device == "auto":
+            a_dev = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            a_dev = a.device
+        if a_dev.startswith("cuda") and self.dist.enabled:
+            return torch.device("cuda", self.dist.local_rank)
+        return torch.device(a_dev)
+
     def _regroup_groups(self) -> list[pu.UnitGroup]:
         if self.args.unstructured:
             return []
@@ -299,14 +366,7 @@ class IMPRun:
     def _init_weights(self, resume_ck: dict | None) -> None:
         """theta_0 from --init / --pretrained / a new init.pth.tar; theta_r per --prune_type."""
         a, path = self.args, os.path.join(self.args.save_dir, "init.pth.tar")
-        if a.prune_type == "pt":
-            source = a.pretrained
-        elif a.init:
-            source = a.init
-        elif resume_ck is not None:
-            source = path
-        else:
-            source = None
+        source = a.pretrained if a.prune_type == "pt" else (a.init or (path if resume_ck is not None else None))
         if source:
             try:
                 sd = torch.load(source, map_location="cpu", weights_only=True)
@@ -321,7 +381,7 @@ class IMPRun:
                 raise UsageError(f"--vit_pretrained: cannot fetch timm ImageNet weights for {a.arch} "
                                  f"({type(e).__name__}); run without it or with network access") from None
         if source != path:
-            save_atomic({"state_dict": self.model.state_dict(), "arch": a.arch}, path)
+            self.save({"state_dict": self.model.state_dict(), "arch": a.arch}, "init.pth.tar")
         self.theta_r = self._copy_state()
         rewind_path = os.path.join(a.save_dir, "rewind.pth.tar")
         if a.prune_type == "rewind_lt" and os.path.isfile(rewind_path) and resume_ck is not None:
@@ -330,6 +390,15 @@ class IMPRun:
     def _copy_state(self) -> dict:
         """A deep copy of every parameter and buffer (never aliases the live tensors)."""
         return {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+
+    def save(self, obj: dict, name: str) -> None:
+        """Write a file of the run (rank 0 only), atomically."""
+        if self.dist.is_main:
+            save_atomic(obj, os.path.join(self.args.save_dir, name))
+
+    def say(self, text: str) -> None:
+        if self.dist.is_main:
+            print(text, flush=True)
 
     def rewind(self) -> None:
         self.model.load_state_dict(self.theta_r)
@@ -358,25 +427,27 @@ class IMPRun:
             penalty = {n: imp[n] * (1 - target[n]) for n in imp}
         else:
             hard, penalty = target, {n: torch.zeros_like(m) for n, m in imp.items()}
-        return Ticket(hard, imp, target, penalty)
+        ticket = Ticket(hard, imp, target, penalty)
+        for masks in (ticket.hard, ticket.imp, ticket.target, ticket.penalty):
+            broadcast_masks(masks, self.dist)  # every rank trains under rank 0's decision
+        return ticket
 
     def _print_regroup(self, reports: list[dict]) -> None:
         a = self.args
-        print(f"regroup: criteria {a.criteria}, prune ratio {a.rate}, mode {a.sorting_mode}, "
-              f"fillback {a.fillback_rate}")
+        self.say(f"regroup: criteria {a.criteria}, prune ratio {a.rate}, mode {a.sorting_mode}, "
+                 f"fillback {a.fillback_rate}")
         if self.vit and any(r["kind"] == "head" for r in reports):
-            print(head_report(self.model, reports))
+            self.say(head_report(self.model, reports))
         for kind in ("channel", "neuron"):
             rs = [r for r in reports if r["kind"] == kind]
             if rs:
-                print(f"  {kind}s kept per layer: " + " ".join(f"{r['kept']}/{r['num_units']}" for r in rs))
+                self.say(f"  {kind}s kept per layer: " + " ".join(f"{r['kept']}/{r['num_units']}" for r in rs))
 
     # ---- one state
-    def new_penalty(self, state: int, step: int = 0) -> RSSTPenalty:
+    def new_penalty(self, step: int = 0) -> RSSTPenalty:
         a = self.args
-        pen = RSSTPenalty(self.weights, self.ticket.penalty, a.lr, a.reg_granularity_prune, a.RST_schedule,
-                          a.exponents, self.steps_per_epoch * a.epochs, step)
-        return pen
+        return RSSTPenalty(self.weights, self.ticket.penalty, a.lr, a.reg_granularity_prune, a.RST_schedule,
+                           a.exponents, self.steps_per_epoch * a.epochs, step)
 
     def train_state(self, state: int, start_epoch: int, ck: dict | None) -> dict:
         """Train `state` from `start_epoch`; `ck` restores a state interrupted mid-way."""
@@ -384,74 +455,87 @@ class IMPRun:
         opt = build_optimizer(self.model, a.optimizer, a.lr, a.momentum, a.weight_decay)
         sched = build_scheduler(opt, self.steps_per_epoch, a.epochs, a.warmup, a.lr_schedule,
                                 _milestones(a.decreasing_lr))
-        pen = self.new_penalty(state)
+        pen = self.new_penalty()
         st = {"history": [], "best": {"val_acc": -1.0}, "trace": {"step": [], "lambda": [], "norm": []},
-              "start_norm": pen.penalized_norm(), "t0": time.time(), "elapsed": 0.0}
+              "start_norm": pen.penalized_norm(), "elapsed": 0.0}
+        partial = None
         if ck is not None:
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
-            pen = self.new_penalty(state, ck["rsst_step"])
+            pen = self.new_penalty(ck["rsst_step"])
             st.update(ck["state_progress"])
-            st["t0"] = time.time()
+            partial = ck.get("partial")
         hard = self.ticket.hard
         log_every = max(1, self.steps_per_epoch * a.epochs // 200)
+        out = {"opt": opt, "sched": sched, "pen": pen, "st": st}
 
-        def after_step():
+        def after_step() -> bool:
             if pen.active:
                 pen.step()
             pu.apply_masks(self.weights, hard)
             self.global_step += 1
             if pen.active and (pen.step_count % log_every == 0 or pen.step_count == pen.total_steps):
                 ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
-                st["trace"]["step"].append(pen.step_count)
-                st["trace"]["lambda"].append(pen.last_lambda)
-                st["trace"]["norm"].append(ratio)
+                for key, v in (("step", pen.step_count), ("lambda", pen.last_lambda), ("norm", ratio)):
+                    st["trace"][key].append(v)
                 self.logger.log({"global_step": self.global_step, "state": state, "reg_lambda": pen.last_lambda,
                                  "penalized_norm_ratio": ratio})
+            return any_rank(self.stop.signum is not None, self.dist, self.device)
 
         for epoch in range(start_epoch, a.epochs):
+            t0 = time.time()
             s = epoch_seed(a.seed, state, epoch)
             seed_all(s)
-            self.generator.manual_seed(s)
-            tr = train_one_epoch(self.model, self.train_loader, opt, sched, self.device, after_step,
-                                 a.label_smoothing, self.mixup, desc=f"state {state} epoch {epoch + 1}")
-            va = evaluate(self.model, self.val_loader, self.device)
-            te = evaluate(self.model, self.test_loader, self.device)
-            row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
-                   "val_acc": va["acc"], "test_loss": te["loss"], "test_acc": te["acc"], "lr": tr["lr"],
-                   "reg_lambda": pen.last_lambda}
-            st["history"].append(row)
-            if va["acc"] > st["best"]["val_acc"]:
-                st["best"] = {"val_acc": va["acc"], "test_acc": te["acc"], "epoch": epoch + 1}
-                save_atomic(self._payload(state, epoch + 1, "best", opt, sched, pen, st),
-                            os.path.join(a.save_dir, f"{state}model_SA_best.pth.tar"))
-            print(f"state {state:2d} epoch {epoch + 1:3d}/{a.epochs} | train loss {tr['loss']:.4f} acc {tr['acc']:6.2f}"
-                  f" | val {va['acc']:6.2f} | test {te['acc']:6.2f} | lr {tr['lr']:.2e}"
-                  + (f" | lambda {pen.last_lambda:.3g}" if pen.active else ""), flush=True)
-            self.logger.log({"global_step": self.global_step, "state": state, "epoch": epoch + 1,
-                             **{f"{k}": v for k, v in row.items() if k != "epoch"}})
-            if a.prune_type == "rewind_lt" and state == 0 and epoch + 1 == a.rewind_epoch:
-                self.theta_r = self._copy_state()
-                save_atomic({"state_dict": self.theta_r}, os.path.join(a.save_dir, "rewind.pth.tar"))
-            st["elapsed"] += time.time() - st["t0"]
-            st["t0"] = time.time()
-            save_atomic(self._payload(state, epoch + 1, "train", opt, sched, pen, st),
-                        os.path.join(a.save_dir, "latest.pth.tar"))
-        return {"opt": opt, "sched": sched, "pen": pen, "st": st}
+            self.data.train.epoch_seed = s
+            self.sampler.set_epoch(s, partial["steps"] * self.train_batch if partial else 0)
+            if partial:
+                set_rng_states(partial["rng"])
+            tr = train_one_epoch(self.net, self.train_loader, opt, sched, self.device, after_step,
+                                 a.label_smoothing, self.mixup, f"state {state} epoch {epoch + 1}",
+                                 partial["totals"] if partial else None, lambda t: all_sum(t, self.dist))
+            partial = None
+            st["elapsed"] += time.time() - t0
+            if tr["stopped"]:
+                self.save(self._payload(state, epoch, "train", out, {"steps": tr["totals"]["steps"],
+                          "totals": tr["totals"], "rng": rng_states()}), "latest.pth.tar")
+                raise Interrupted(self.stop.signum)
+            self._end_epoch(state, epoch, tr, out)
+        return out
+
+    def _end_epoch(self, state: int, epoch: int, tr: dict, out: dict) -> None:
+        """Evaluate, log, keep the best-val checkpoint, write latest.pth.tar."""
+        a, st, pen = self.args, out["st"], out["pen"]
+        va = evaluate(self.model, self.val_loader, self.device)
+        te = evaluate(self.model, self.test_loader, self.device)
+        row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
+               "val_acc": va["acc"], "test_loss": te["loss"], "test_acc": te["acc"], "lr": tr["lr"],
+               "reg_lambda": pen.last_lambda}
+        st["history"].append(row)
+        if va["acc"] > st["best"]["val_acc"]:
+            st["best"] = {"val_acc": va["acc"], "test_acc": te["acc"], "epoch": epoch + 1}
+            self.save(self._payload(state, epoch + 1, "best", out), f"{state}model_SA_best.pth.tar")
+        self.say(f"state {state:2d} epoch {epoch + 1:3d}/{a.epochs} | train loss {tr['loss']:.4f} acc {tr['acc']:6.2f}"
+                 f" | val {va['acc']:6.2f} | test {te['acc']:6.2f} | lr {tr['lr']:.2e}"
+                 + (f" | lambda {pen.last_lambda:.3g}" if pen.active else ""))
+        self.logger.log({"global_step": self.global_step, "state": state, "epoch": epoch + 1,
+                         **{k: v for k, v in row.items() if k != "epoch"}})
+        if a.prune_type == "rewind_lt" and state == 0 and epoch + 1 == a.rewind_epoch:
+            self.theta_r = self._copy_state()
+            self.save({"state_dict": self.theta_r}, "rewind.pth.tar")
+        self.save(self._payload(state, epoch + 1, "train", out), "latest.pth.tar")
 
     def finish_state(self, state: int, out: dict) -> None:
         """RSST hard prune, final evaluation, state checkpoint, summary row and plots."""
         a, pen, st = self.args, out["pen"], out["st"]
-        soft = hard = None
-        norm_ratio = None
+        soft = hard = norm_ratio = None
         if pen.active:
             norm_ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
             soft = evaluate(self.model, self.test_loader, self.device)["acc"]
             self.ticket.hard = self.ticket.target
             pu.apply_masks(self.weights, self.ticket.hard)
             hard = evaluate(self.model, self.test_loader, self.device)["acc"]
-            print(f"state {state:2d} RSST: penalized norm ratio {norm_ratio:.4f}, "
-                  f"soft test acc {soft:.2f} -> hard test acc {hard:.2f}")
+            self.say(f"state {state:2d} RSST: penalized norm ratio {norm_ratio:.4f}, "
+                     f"soft test acc {soft:.2f} -> hard test acc {hard:.2f}")
         val = evaluate(self.model, self.val_loader, self.device)
         test = evaluate(self.model, self.test_loader, self.device)
         t = self.ticket
@@ -470,10 +554,22 @@ class IMPRun:
             "penalized_norm_ratio": norm_ratio, "seconds": round(st["elapsed"], 1),
         }
         self.rows.append(row)
-        payload = self._payload(state, a.epochs, "done", out["opt"], out["sched"], pen, st)
-        save_atomic(payload, os.path.join(a.save_dir, f"{state}checkpoint.pth.tar"))
-        save_atomic({"phase": "done", "state": state, "file": f"{state}checkpoint.pth.tar"},
-                    os.path.join(a.save_dir, "latest.pth.tar"))
+        self.save(self._payload(state, a.epochs, "done", out), f"{state}checkpoint.pth.tar")
+        self.save({"phase": "done", "state": state, "file": f"{state}checkpoint.pth.tar"}, "latest.pth.tar")
+        self.state_masks.append(pu.masks_to_bool(t.hard))
+        if self.dist.is_main:
+            self._write_reports(state, st, pen)
+        self.logger.log({"global_step": self.global_step, "state": state, "remaining_weights": row["remaining_weights"],
+                         "imp_density": row["imp_density"], "state_test_acc": row["final_test_acc"],
+                         "state_best_val_acc": row["best_val_acc"]})
+        self.say(f"== state {state} done: remaining {row['remaining_weights']:.2f}% (imp {row['imp_density']:.2f}%), "
+                 f"units {row['heads_kept'] or row['channels_kept']}, test acc {test['acc']:.2f} ==")
+        if self.dist.enabled:
+            digest = sum(float(m.sum()) * (i + 1) for i, m in enumerate(t.hard.values()))
+            print(f"rank {self.dist.rank} state {state} mask digest {digest:.1f}", flush=True)
+
+    def _write_reports(self, state: int, st: dict, pen: RSSTPenalty) -> None:
+        a = self.args
         write_summary(a.save_dir, self.rows)
         plot_state(os.path.join(a.save_dir, f"{state}_curves.png"), st["history"], f"{a.exp_name}: state {state}")
         if pen.active:
@@ -481,29 +577,24 @@ class IMPRun:
             plot_lambda(os.path.join(a.save_dir, f"{state}_lambda.png"), tr["step"], tr["lambda"], tr["norm"],
                         f"RSST state {state}: {a.RST_schedule}")
         plot_summary(os.path.join(a.save_dir, "summary.png"), self.rows, a.exp_name)
-        self.logger.log({"global_step": self.global_step, "state": state, "remaining_weights": row["remaining_weights"],
-                         "imp_density": row["imp_density"], "state_test_acc": row["final_test_acc"],
-                         "state_best_val_acc": row["best_val_acc"]})
-        print(f"== state {state} done: remaining {row['remaining_weights']:.2f}% (imp {row['imp_density']:.2f}%), "
-              f"units {row['heads_kept'] or row['channels_kept']}, test acc {test['acc']:.2f} ==", flush=True)
+        plot_masks(os.path.join(a.save_dir, "masks.png"), a.exp_name, self.state_masks, self.report)
 
     def _structured_sparsity(self) -> float | None:
         groups = self.groups or [g for gs in self.report.values() for g in gs]
         kept, total = unit_counts(groups, self.ticket.hard)
         return round(100 * (1 - kept / total), 4) if total else None
 
-    def _payload(self, state: int, epoch: int, phase: str, opt, sched, pen: RSSTPenalty, st: dict) -> dict:
+    def _payload(self, state: int, epoch: int, phase: str, out: dict, partial: dict | None = None) -> dict:
         return {
-            "phase": phase, "state": state, "epoch": epoch, "arch": self.args.arch, "dataset": self.args.dataset,
+            "phase": phase, "state": state, "epoch": epoch, "partial": partial,
+            "arch": self.args.arch, "dataset": self.args.dataset,
             "num_classes": self.data.num_classes, "img_size": self.data.img_size,
-            "config": {k: v for k, v in vars(self.args).items()},
-            "state_dict": self.model.state_dict(), "masks": self.ticket.to_saved(),
-            "mask": pu.masks_to_bool(self.ticket.hard),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rsst_step": pen.step_count, "rsst_lambda": pen.last_lambda,
-            "state_progress": {k: v for k, v in st.items() if k != "t0"},
-            "rows": list(self.rows), "global_step": self.global_step, "wandb_id": self.logger.run_id,
-            "theta_r_kind": self.args.prune_type,
+            "config": dict(vars(self.args)), "state_dict": self.model.state_dict(),
+            "masks": self.ticket.to_saved(), "mask": pu.masks_to_bool(self.ticket.hard),
+            "optimizer": out["opt"].state_dict(), "scheduler": out["sched"].state_dict(),
+            "rsst_step": out["pen"].step_count, "rsst_lambda": out["pen"].last_lambda,
+            "state_progress": out["st"], "rows": list(self.rows), "global_step": self.global_step,
+            "wandb_id": self.logger.run_id,
         }
 
     # ---- the loop
@@ -514,21 +605,22 @@ class IMPRun:
             self.model.load_state_dict(resume_ck["state_dict"])
             self.ticket = Ticket.from_saved(resume_ck["masks"], self.device)
             self.rows, self.global_step = list(resume_ck["rows"]), resume_ck["global_step"]
+            self.state_masks = load_state_masks(a.save_dir)[: len(self.rows)]
             state = resume_ck["state"]
             if resume_ck["phase"] == "done":
                 state += 1
             else:
                 start_epoch, mid = resume_ck["epoch"], resume_ck
-            print(f"resuming {a.save_dir} at state {state} epoch {start_epoch}")
+            self.say(f"resuming {a.save_dir} at state {state} epoch {start_epoch}")
         while state < a.pruning_times:
             if mid is None:
                 if state > 0:
                     self.ticket = self.next_ticket(state - 1)
                 self.rewind()
                 t = self.ticket
-                print(f"== state {state}/{a.pruning_times - 1}: imp density {100 * pu.density(t.imp):.2f}%, "
-                      f"trained density {100 * pu.density(t.hard):.2f}%, target {100 * pu.density(t.target):.2f}%, "
-                      f"penalized {pu.count_ones(t.penalty)} weights ==", flush=True)
+                self.say(f"== state {state}/{a.pruning_times - 1}: imp density {100 * pu.density(t.imp):.2f}%, "
+                         f"trained density {100 * pu.density(t.hard):.2f}%, target {100 * pu.density(t.target):.2f}%, "
+                         f"penalized {pu.count_ones(t.penalty)} weights ==")
             out = self.train_state(state, start_epoch, mid)
             self.finish_state(state, out)
             state, start_epoch, mid = state + 1, 0, None
@@ -536,16 +628,29 @@ class IMPRun:
 
 
 def load_resume_checkpoint(args: argparse.Namespace) -> dict:
-    path = args.checkpoint or os.path.join(args.save_dir, "latest.pth.tar")
-    if not os.path.isfile(path):
-        raise UsageError(f"--resume: nothing to resume, {path} does not exist")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        if "file" in ck:  # latest.pth.tar points at the last finished state's checkpoint
-            ck = torch.load(os.path.join(os.path.dirname(path), ck["file"]), map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UsageError(f"--resume: cannot read {path} ({type(e).__name__})") from None
-    return ck
+    """The newest readable checkpoint: --checkpoint, else latest.pth.tar, else the highest
+    {state}checkpoint.pth.tar; unreadable ones are skipped with a warning."""
+    if args.checkpoint:
+        candidates = [args.checkpoint]
+    else:
+        states = glob.glob(os.path.join(args.save_dir, "*checkpoint.pth.tar"))
+        states.sort(key=lambda p: int(os.path.basename(p).split("checkpoint")[0] or -1), reverse=True)
+        candidates = [os.path.join(args.save_dir, "latest.pth.tar")] + states
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=False)
+            if "file" in ck:  # latest.pth.tar points at the last finished state's checkpoint
+                ck = torch.load(os.path.join(os.path.dirname(path), ck["file"]), map_location="cpu",
+                                weights_only=False)
+            if "state_dict" in ck and "masks" in ck:
+                return ck
+            raise ValueError("not a checkpoint of this tool")
+        except Exception as e:
+            print(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__})", file=sys.stderr)
+    where = args.checkpoint or args.save_dir
+    raise UsageError(f"--resume: nothing to resume, no readable checkpoint in {where}")
 
 
 def setup_run(argv: list[str] | None) -> tuple[argparse.Namespace, dict | None]:
@@ -555,8 +660,7 @@ def setup_run(argv: list[str] | None) -> tuple[argparse.Namespace, dict | None]:
     resume_ck = None
     if args.resume:
         resume_ck = load_resume_checkpoint(args)
-        saved = resume_ck["config"]
-        for k, v in saved.items():
+        for k, v in resume_ck["config"].items():
             if k not in RUNTIME_KEYS + ("save_dir",):
                 setattr(args, k, v)
         if not args.save_dir:
@@ -566,13 +670,18 @@ def setup_run(argv: list[str] | None) -> tuple[argparse.Namespace, dict | None]:
     if existing and not (args.resume or args.overwrite):
         raise UsageError(f"--save_dir {args.save_dir} holds another run ({os.path.basename(existing[0])}); "
                          "pass --resume to continue it or --overwrite to replace it")
-    try:
-        os.makedirs(args.save_dir, exist_ok=True)
-        if args.overwrite:
-            for f in existing:
-                os.remove(f)
-    except OSError as e:
-        raise UsageError(f"--save_dir {args.save_dir}: cannot write ({e.strerror})") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            os.makedirs(args.save_dir, exist_ok=True)
+            if args.overwrite:
+                for f in existing:
+                    os.remove(f)
+            probe = os.path.join(args.save_dir, ".write_test")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise UsageError(f"--save_dir {args.save_dir}: cannot write ({e.strerror})") from None
     return args, resume_ck
 
 
@@ -588,28 +697,43 @@ def last_good_checkpoint(save_dir: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = StopFlag()
+    previous = install_stop_handlers(stop)
+    try:
+        return _main(argv, stop)
+    finally:
+        restore_handlers(previous)
+
+
+def _main(argv: list[str] | None, stop: StopFlag) -> int:
     try:
         args, resume_ck = setup_run(argv)
-        run = IMPRun(args, resume_ck)
-        if resume_ck is None:
+        run = IMPRun(args, resume_ck, stop)
+        if resume_ck is None and run.dist.is_main:
             write_args(args)
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    resume_cmd = f"python main_imp_fillback.py --resume --save_dir {args.save_dir}"
     try:
         run.run(resume_ck)
     except NonFiniteLoss as e:
         print(f"error: {e}; run stopped. Last good checkpoint: {last_good_checkpoint(args.save_dir)}",
               file=sys.stderr)
         return 1
+    except Interrupted as e:
+        if run.dist.is_main:
+            print(f"stopped by signal {e.signum}; checkpoint written. Continue with: {resume_cmd}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print(f"interrupted. Continue with: python main_imp_fillback.py --resume --save_dir {args.save_dir}",
-              file=sys.stderr)
+        print(f"interrupted. Continue with: {resume_cmd}", file=sys.stderr)
         return 130
     except OSError as e:
         print(f"error: {e}; last good checkpoint: {last_good_checkpoint(args.save_dir)}", file=sys.stderr)
         return 1
-    print(f"done: outputs in {args.save_dir}")
+    finally:
+        shutdown(run.dist)
+    run.say(f"done: outputs in {args.save_dir}")
     return 0
 
 

@@ -72,15 +72,20 @@ def _autocast(device: torch.device):
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, device: torch.device,
-                    after_step: Callable[[], None], label_smoothing: float = 0.0,
-                    mixup_fn=None, desc: str = "") -> dict:
-    """One epoch; `after_step` runs after every optimizer step (RSST penalty, mask re-apply)."""
+                    after_step: Callable[[], bool], label_smoothing: float = 0.0, mixup_fn=None,
+                    desc: str = "", totals: dict | None = None, reduce: Callable = lambda t: t) -> dict:
+    """One epoch (or the rest of one: `totals` carries the sums of its finished steps).
+
+    `after_step` runs after every optimizer step (RSST penalty, mask re-apply) and returns True
+    to stop early (a signal): the result then has "stopped" set and the partial sums.
+    `reduce` sums the loss/accuracy tensors over ranks (identity on one process).
+    """
     model.train()
+    totals = dict(totals or {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "steps": 0})
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
-    seen, lr = 0, optimizer.param_groups[0]["lr"]
-    bar = tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty())
-    for x, y in bar:
+    seen, steps, stopped, lr = 0, 0, False, optimizer.param_groups[0]["lr"]
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         target = y
         if mixup_fn is not None and len(y) % 2 == 0:
@@ -96,15 +101,20 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, device: torc
         optimizer.step()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        after_step()
         loss_sum += loss.detach() * len(y)
         correct += (out.argmax(1) == y).sum()
-        seen += len(y)
-    loss = float(loss_sum) / max(1, seen)
+        seen, steps = seen + len(y), steps + 1
+        if after_step():
+            stopped = True
+            break
+    sums = reduce(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)]))
+    totals = {"loss_sum": totals["loss_sum"] + float(sums[0]), "correct": totals["correct"] + float(sums[1]),
+              "seen": totals["seen"] + int(sums[2]), "steps": totals["steps"] + steps}
+    loss = totals["loss_sum"] / max(1, totals["seen"])
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"training loss is {loss}")
-    return {"loss": loss, "acc": 100.0 * float(correct) / max(1, seen),
-            "lr": lr}
+    return {"loss": loss, "acc": 100.0 * totals["correct"] / max(1, totals["seen"]), "lr": lr,
+            "stopped": stopped, "totals": totals}
 
 
 @torch.no_grad()

@@ -3,10 +3,13 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocess runs: tiny models, no thread oversubscription
+torch.set_num_threads(1)
 
 
 @pytest.fixture

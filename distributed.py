@@ -1,0 +1,70 @@
+"""torchrun support: process group setup, rank helpers, and collective utilities.
+
+`torchrun --nproc_per_node=N main_imp_fillback.py ...` sets RANK / WORLD_SIZE / LOCAL_RANK;
+training then runs under DistributedDataParallel (NCCL on GPU, gloo on CPU). One process
+without those variables is the ordinary single-device run.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device: str) -> Dist:
+    """Join the torchrun process group when launched by torchrun; otherwise a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local)
+
+
+def all_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum of `t` over ranks (a copy; `t` itself on one process)."""
+    if not d.enabled:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def broadcast_masks(masks: dict[str, torch.Tensor], d: Dist) -> None:
+    """Make every rank hold rank 0's masks (in place)."""
+    if d.enabled:
+        for m in masks.values():
+            dist.broadcast(m, 0)
+
+
+def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
+    """True when `flag` is set on any rank (all ranks agree on stopping)."""
+    if not d.enabled:
+        return flag
+    return bool(all_sum(torch.tensor(float(flag), device=device), d) > 0)
+
+
+def shutdown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()

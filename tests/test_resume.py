@@ -1,0 +1,124 @@
+"""Never lose a run: SIGKILL / SIGTERM mid-state then --resume equals an uninterrupted run;
+unreadable checkpoints are skipped; torchrun with gloo keeps ranks identical."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+SMALL = ["--dataset", "synthetic", "--synthetic_size", "96", "--batch_size", "32", "--wandb", "disabled"]
+RUNS = {
+    "res20s": ["--arch", "res20s", "--struct", "rsst", "--pruning_times", "3", "--epochs", "2"],
+    "vit_tiny": ["--arch", "vit_tiny", "--struct", "rsst", "--vit_structured", "--criteria", "l1",
+                 "--rate", "0.3", "--pruning_times", "3", "--epochs", "2"],
+}
+
+
+def cli(*flags, save_dir):
+    return [sys.executable, os.path.join(ROOT, "main_imp_fillback.py"), *flags, *SMALL, "--save_dir", str(save_dir)]
+
+
+def run(*flags, save_dir):
+    p = subprocess.run(cli(*flags, save_dir=save_dir), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    return p.returncode, p.stdout, p.stderr
+
+
+def start_and_signal(flags, save_dir, sig, marker="1model_SA_best.pth.tar"):
+    """Start a run, send `sig` as soon as `marker` appears (mid state 1), wait for the exit."""
+    p = subprocess.Popen(cli(*flags, save_dir=save_dir), cwd=ROOT, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(save_dir, marker)) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert p.poll() is None, "run ended before it could be interrupted"
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=300)
+    return p.returncode, out, err
+
+
+def final_state(save_dir, states=3):
+    cks = [torch.load(os.path.join(save_dir, f"{k}checkpoint.pth.tar"), map_location="cpu", weights_only=False)
+           for k in range(states)]
+    with open(os.path.join(save_dir, "summary.csv")) as f:
+        rows = [",".join(c for i, c in enumerate(line.strip().split(",")) if i != 17) for line in f]  # not seconds
+    return cks, rows
+
+
+def assert_same_run(a_dir, b_dir):
+    (ca, ra), (cb, rb) = final_state(a_dir), final_state(b_dir)
+    assert ra == rb
+    for a, b in zip(ca, cb):
+        for kind in ("hard", "imp", "target", "penalty"):
+            assert all(torch.equal(a["masks"][kind][n], b["masks"][kind][n]) for n in a["masks"][kind])
+        assert all(torch.equal(a["state_dict"][n], b["state_dict"][n]) for n in a["state_dict"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = {}
+    for arch, flags in RUNS.items():
+        d = tmp_path_factory.mktemp(f"full_{arch}")
+        rc, _, err = run(*flags, save_dir=d)
+        assert rc == 0, err
+        out[arch] = d
+    return out
+
+
+@pytest.mark.parametrize("arch", list(RUNS))
+def test_sigkill_mid_state_then_resume_is_identical(uninterrupted, tmp_path, arch):
+    rc, _, _ = start_and_signal(RUNS[arch], tmp_path, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    rc, out, err = run("--resume", save_dir=tmp_path)
+    assert rc == 0, err
+    assert "resuming" in out
+    assert_same_run(uninterrupted[arch], tmp_path)
+
+
+def test_sigterm_finishes_step_writes_checkpoint_and_resumes_exactly(uninterrupted, tmp_path):
+    rc, _, err = start_and_signal(RUNS["res20s"], tmp_path, signal.SIGTERM)
+    assert rc == 143 and "--resume" in err and "Traceback" not in err
+    assert os.path.isfile(os.path.join(tmp_path, "latest.pth.tar"))
+    rc, _, err = run("--resume", save_dir=tmp_path)
+    assert rc == 0, err
+    assert_same_run(uninterrupted["res20s"], tmp_path)
+
+
+def test_garbage_latest_falls_back_to_state_checkpoint(uninterrupted, tmp_path):
+    rc, _, _ = start_and_signal(RUNS["res20s"], tmp_path, signal.SIGKILL, marker="2model_SA_best.pth.tar")
+    with open(os.path.join(tmp_path, "latest.pth.tar"), "wb") as f:
+        f.write(b"\x00garbage")
+    rc, _, err = run("--resume", save_dir=tmp_path)
+    assert rc == 0 and "skipping unreadable checkpoint" in err
+    assert_same_run(uninterrupted["res20s"], tmp_path)
+
+
+def test_no_readable_checkpoint_exits_2(tmp_path):
+    for name in ("latest.pth.tar", "0checkpoint.pth.tar"):
+        with open(os.path.join(tmp_path, name), "wb") as f:
+            f.write(b"truncated")
+    rc, _, err = run("--resume", save_dir=tmp_path)
+    assert rc == 2 and "nothing to resume" in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [err.splitlines()[-1]]
+
+
+def test_torchrun_two_ranks_gloo_identical_masks_rank0_writes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "main_imp_fillback.py"), "--arch", "vit_tiny", "--struct", "rsst", "--vit_structured",
+           "--pruning_times", "2", "--epochs", "1", "--device", "cpu", *SMALL, "--save_dir", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    digests = dict(re.findall(r"rank (\d) state 1 mask digest (\S+)", p.stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    assert len(re.findall(r"== state 1 done", p.stdout)) == 1  # only rank 0 reports
+    files = sorted(os.listdir(tmp_path))
+    assert not [f for f in files if f.endswith(".tmp")]
+    with open(os.path.join(tmp_path, "summary.csv")) as f:
+        assert len(f.read().strip().splitlines()) == 3
+    ck = torch.load(os.path.join(tmp_path, "1checkpoint.pth.tar"), map_location="cpu", weights_only=False)
+    assert ck["config"]["struct"] == "rsst" and ck["masks"]["penalty"]
