@@ -85,18 +85,38 @@ class DataSplits:
     img_size: int
 
 
-def build_transforms(dataset: str, vit: bool, train: bool):
-    """Per-sample transform on uint8 images (or PIL): augmentation, then float + normalize."""
+@dataclass(frozen=True)
+class Augment:
+    """The training augmentation of a dataset and model family (per-sample or whole-batch)."""
+    size: int
+    pad: int          # random crop with this zero padding (0: none)
+    flip: bool        # random horizontal flip
+    trivial: bool     # TrivialAugmentWide (ViT recipe)
+    mean: tuple
+    std: tuple
+
+
+def augment_for(dataset: str, vit: bool, train: bool) -> Augment:
     size = IMG_SIZE[dataset]
     mean, std = MEAN_STD.get(dataset, ((0.5,) * 3, (0.5,) * 3))
+    if not train or dataset == "synthetic":
+        return Augment(size, 0, False, False, mean, std)
+    pad = 2 if dataset == "digits" else size // 8
+    # digits are not mirror-symmetric; small-data ViTs need strong augmentation (RECIPES.md)
+    return Augment(size, pad, dataset != "digits", vit, mean, std)
+
+
+def build_transforms(dataset: str, vit: bool, train: bool):
+    """Per-sample transform on uint8 images (or PIL): augmentation, then float + normalize."""
+    aug = augment_for(dataset, vit, train)
     ops = [v2.ToImage()]
-    if train and dataset != "synthetic":
-        ops.append(v2.RandomCrop(size, padding=size // 8 if dataset != "digits" else 2))
-        if dataset != "digits":  # digits are not mirror-symmetric
-            ops.append(v2.RandomHorizontalFlip())
-        if vit:  # small-data ViTs need strong augmentation (RECIPES.md)
-            ops.append(v2.TrivialAugmentWide())
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if aug.pad:
+        ops.append(v2.RandomCrop(aug.size, padding=aug.pad))
+    if aug.flip:
+        ops.append(v2.RandomHorizontalFlip())
+    if aug.trivial:
+        ops.append(v2.TrivialAugmentWide())
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(aug.mean, aug.std)]
     return v2.Compose(ops)
 
 
@@ -224,3 +244,57 @@ def calibration_batches(ds: Dataset, batches: int, batch_size: int, seed: int) -
         items = [ds[i] for i in idx[b:b + batch_size]]
         out.append((torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])))
     return out
+
+
+# ------------------------------------------------------------------ GPU-resident loader
+def crop_flip_batch(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding `pad`) and horizontal flip of a uint8 batch [B, C, H, W], per
+    image, in a few whole-batch ops on x's device; offsets and flips are drawn from `g` (CPU)."""
+    b, c, h, w = x.shape
+    if pad:
+        xp = F.pad(x, (pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
+        ox = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
+        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * pad)
+        x = xp.gather(2, rows)
+        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, c, h, w)
+        x = x.gather(3, cols)
+    if flip:
+        mirror = (torch.rand(b, generator=g) < 0.5).to(x.device)[:, None, None, None]
+        x = torch.where(mirror, x.flip(3), x)
+    return x
+
+
+class DeviceLoader:
+    """Batches of an in-memory uint8 dataset kept on the device, augmented there as whole
+    batches (airbench-style): no worker processes, no host-to-device copies per step.
+
+    The order comes from `sampler` (so resume and sharding behave as with the DataLoader);
+    crop/flip randomness is seeded per (epoch seed, batch). TrivialAugment, when the recipe
+    asks for it, is applied with one op per group of `trivial_group` images.
+    """
+
+    def __init__(self, ds: "ImageTensors", aug: Augment, batch_size: int, device: torch.device,
+                 sampler: Sampler | None = None, drop_last: bool = False, trivial_group: int = 8):
+        self.images = ds.images.to(device)
+        self.labels = ds.labels.to(device)
+        self.ds, self.aug, self.batch_size, self.device = ds, aug, batch_size, device
+        self.sampler, self.drop_last, self.trivial_group = sampler, drop_last, trivial_group
+        self.mean = torch.tensor(aug.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(aug.std, device=device).view(1, 3, 1, 1) * 255
+        self.trivial = v2.TrivialAugmentWide() if aug.trivial else None
+
+    def __len__(self) -> int:
+        n = len(self.sampler) if self.sampler is not None else len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler) if self.sampler is not None else range(len(self.labels)))
+        start = getattr(self.sampler, "start", 0) // self.batch_size
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size].to(self.device)
+            g = torch.Generator().manual_seed((self.ds.epoch_seed * 1_000_003 + start + b) % (2 ** 63))
+            x = crop_flip_batch(self.images[idx], self.aug.pad, self.aug.flip, g)
+            if self.trivial is not None:
+                x = torch.cat([self.trivial(part) for part in x.split(self.trivial_group)])
+            yield (x.float() - self.mean) / self.std, self.labels[idx]
