@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import math
 import os
 import random
 import signal
@@ -23,12 +22,13 @@ import torch
 import yaml
 
 import pruning_utils as pu
-from dataset import DATASETS, DataError, EpochSampler, calibration_batches, load_splits, make_loader
+from dataset import (DATASETS, DataError, DeviceLoader, EpochSampler, ImageTensors, augment_for,
+                     calibration_batches, load_splits, make_loader)
 from distributed import all_sum, any_rank, broadcast_masks, init_distributed, shutdown
 from mask_plots import load_state_masks, plot_masks, unit_kinds
 from models import MODEL_NAMES, create_model, is_vit
 from reporting import Logger, plot_lambda, plot_state, plot_summary, save_atomic, write_summary
-from rsst import SCHEDULES, RSSTPenalty
+from rsst import SCHEDULES, RSSTPenalty, norm_penalty
 from trainer import RECIPES, NonFiniteLoss, build_optimizer, build_scheduler, evaluate, train_one_epoch
 from vit_pruning_utils import VIT_TARGETS, head_report, vit_unit_groups
 
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=128, help="batch size")
     g.add_argument("--workers", type=int, default=None, help="loader workers (default: 0 for digits/synthetic, else min(4, cpus))")
     g.add_argument("--synthetic_size", type=int, default=512, help="training images of --dataset synthetic")
+    g.add_argument("--no_gpu_data", action="store_true",
+                   help="on CUDA, use the CPU DataLoader instead of GPU-resident data augmented on the GPU")
     g = p.add_argument_group("Model")
     g.add_argument("--arch", default="res20s", choices=MODEL_NAMES, help="model")
     g.add_argument("--init", default=None, help="init weights file (default: create init.pth.tar in the save dir)")
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1, help="seeds python, numpy and torch")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     g = p.add_argument_group("Pruning")
     g.add_argument("--struct", default="rsst", choices=["rsst", "refill"], help="how to reach the structured mask")
     g.add_argument("--unstructured", action="store_true", help="skip the regroup (R = M): plain unstructured IMP")
@@ -310,18 +313,15 @@ class IMPRun:
         seed_all(args.seed)
         self.data = load_splits(args.dataset, args.data, self.vit, args.synthetic_size)
         self.model = create_model(args.arch, self.data.num_classes, self.data.img_size).to(self.device)
+        if self.device.type == "cuda" and not self.vit:  # faster convs under bf16 autocast
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.weights = pu.prunable_weights(self.model)
         self.groups = self._regroup_groups()
         self.report = unit_kinds(self.model)
         self.state_masks: list[dict] = []  # each finished state's hard mask, for masks.png
         self.sampler = EpochSampler(len(self.data.train), self.dist.rank, self.dist.world)
-        per_rank = max(1, args.batch_size // self.dist.world)
-        self.train_batch = per_rank
-        self.train_loader = make_loader(self.data.train, per_rank, args.workers, self.sampler,
-                                        drop_last=len(self.sampler) >= 2 * per_rank)
-        self.val_loader = make_loader(self.data.val, 2 * args.batch_size, args.workers)
-        self.test_loader = make_loader(self.data.test, 2 * args.batch_size, args.workers)
-        self.steps_per_epoch = len(self.train_loader)
+        self.train_batch = max(1, args.batch_size // self.dist.world)
+        self._build_loaders()
         self.mixup = self._mixup()
         self.rows: list[dict] = []
         self.global_step = 0
@@ -333,6 +333,8 @@ class IMPRun:
             from torch.nn.parallel import DistributedDataParallel
             self.net = DistributedDataParallel(self.model, device_ids=[self.dist.local_rank]
                                                if self.device.type == "cuda" else None)
+        if args.compile:
+            self.net = torch.compile(self.net)
         mode = args.wandb if self.dist.is_main else "disabled"
         self.logger = Logger(mode, args.wandb_project, args.exp_name, vars(args), args.save_dir,
                              (resume_ck or {}).get("wandb_id"))
@@ -347,6 +349,21 @@ class IMPRun:
         if a_dev.startswith("cuda") and self.dist.enabled:
             return torch.device("cuda", self.dist.local_rank)
         return torch.device(a_dev)
+
+    def _build_loaders(self) -> None:
+        """CPU DataLoaders, or on CUDA (unless --no_gpu_data) GPU-resident batches augmented there."""
+        a, d, bs = self.args, self.data, self.train_batch
+        drop_last = len(self.sampler) >= 2 * bs
+        if self.device.type == "cuda" and not a.no_gpu_data and isinstance(d.train, ImageTensors):
+            aug, plain = augment_for(a.dataset, self.vit, True), augment_for(a.dataset, self.vit, False)
+            self.train_loader = DeviceLoader(d.train, aug, bs, self.device, self.sampler, drop_last)
+            self.val_loader = DeviceLoader(d.val, plain, 2 * a.batch_size, self.device)
+            self.test_loader = DeviceLoader(d.test, plain, 2 * a.batch_size, self.device)
+        else:
+            self.train_loader = make_loader(d.train, bs, a.workers, self.sampler, drop_last)
+            self.val_loader = make_loader(d.val, 2 * a.batch_size, a.workers)
+            self.test_loader = make_loader(d.test, 2 * a.batch_size, a.workers)
+        self.steps_per_epoch = len(self.train_loader)
 
     def _regroup_groups(self) -> list[pu.UnitGroup]:
         if self.args.unstructured:
@@ -446,8 +463,9 @@ class IMPRun:
     # ---- one state
     def new_penalty(self, step: int = 0) -> RSSTPenalty:
         a = self.args
+        extra = norm_penalty(self.groups, dict(self.model.named_modules()), self.ticket.penalty)
         return RSSTPenalty(self.weights, self.ticket.penalty, a.lr, a.reg_granularity_prune, a.RST_schedule,
-                           a.exponents, self.steps_per_epoch * a.epochs, step)
+                           a.exponents, self.steps_per_epoch * a.epochs, step, extra)
 
     def train_state(self, state: int, start_epoch: int, ck: dict | None) -> dict:
         """Train `state` from `start_epoch`; `ck` restores a state interrupted mid-way."""
@@ -531,6 +549,7 @@ class IMPRun:
         if pen.active:
             norm_ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
             soft = evaluate(self.model, self.test_loader, self.device)["acc"]
+            pen.remove()
             self.ticket.hard = self.ticket.target
             pu.apply_masks(self.weights, self.ticket.hard)
             hard = evaluate(self.model, self.test_loader, self.device)["acc"]
@@ -660,9 +679,17 @@ def setup_run(argv: list[str] | None) -> tuple[argparse.Namespace, dict | None]:
     resume_ck = None
     if args.resume:
         resume_ck = load_resume_checkpoint(args)
+        defaults = vars(build_parser().parse_args([]))
         for k, v in resume_ck["config"].items():
-            if k not in RUNTIME_KEYS + ("save_dir",):
-                setattr(args, k, v)
+            if k in RUNTIME_KEYS + ("save_dir",):
+                continue
+            given = getattr(args, k, None)
+            if k in defaults and given != defaults[k] and given != v:
+                where = args.checkpoint or args.save_dir
+                raise UsageError(f"--{k} {given}: {where} holds a run with --{k} {v} "
+                                 f"({resume_ck['config']['arch']}, {resume_ck['config']['dataset']}, "
+                                 f"{resume_ck['config']['struct']}); resume it without --{k} or start a new run")
+            setattr(args, k, v)
         if not args.save_dir:
             args.save_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     resolve_recipe(args)

@@ -123,7 +123,8 @@ class UnitGroup:
 
     `members[0]` is the unit-bearing weight whose density sets the layer budget. The
     activation is the output (or, with `act_input`, the input) of module `act_module`; its
-    dimension `act_dim` holds `num_units` contiguous slices, one per unit.
+    dimension `act_dim` holds `num_units` contiguous slices, one per unit. `norm` names the
+    BatchNorm that normalizes each unit's output (CNN channels), if any.
     """
     layer: str
     kind: str  # "channel" | "head" | "neuron"
@@ -132,6 +133,7 @@ class UnitGroup:
     act_module: str
     act_input: bool
     act_dim: int
+    norm: str | None = None
 
 
 def unit_view(t: torch.Tensor, member: Member) -> torch.Tensor:
@@ -149,13 +151,14 @@ def expand_units(keep: torch.Tensor, member: Member, like: torch.Tensor) -> torc
 
 def channel_groups(model: nn.Module) -> list[UnitGroup]:
     """One group per prunable conv: its output channels (filters), scored by its output."""
+    norms = model.conv_norms() if hasattr(model, "conv_norms") else {}
     groups = []
     for name, w in prunable_weights(model).items():
         if w.dim() != 4:
             continue
         c = w.shape[0]
         groups.append(UnitGroup(name, "channel", c, (Member(name, (c, w[0].numel()), 0),),
-                                name, False, 1))
+                                name, False, 1, norms.get(name)))
     return groups
 
 

@@ -30,14 +30,22 @@ def reg_lambda(step: int, total_steps: int, strength: float, schedule: str, expo
 
 
 class RSSTPenalty:
-    """The decoupled, growing penalty on the weights in `penalty_masks` (P) for one state."""
+    """The decoupled, growing penalty on the weights in `penalty_masks` (P) for one state.
+
+    `extra` holds (tensor, 0/1 mask) pairs penalized the same way but not counted as pruned
+    weights: the BatchNorm scale and shift of the CNN channels being dropped (see `norm_penalty`).
+    """
 
     def __init__(self, weights: dict[str, torch.Tensor], penalty_masks: dict[str, torch.Tensor],
                  lr0: float, strength: float, schedule: str, exponents: float, total_steps: int,
-                 step: int = 0):
+                 step: int = 0, extra: list[tuple[torch.Tensor, torch.Tensor]] = ()):
         names = [n for n, p in penalty_masks.items() if bool(p.any())]
         self.weights = [weights[n] for n in names]
         self.masks = [penalty_masks[n].to(weights[n].dtype) for n in names]
+        self.num_pruned = len(self.weights)  # the first entries are prunable weights (P)
+        if self.weights:
+            self.weights += [t for t, _ in extra]
+            self.masks += [m.to(t.dtype) for t, m in extra]
         self.lr0, self.strength, self.schedule = lr0, strength, schedule
         self.exponents, self.total_steps, self.step_count = exponents, total_steps, step
         self.last_lambda = 0.0
@@ -61,8 +69,32 @@ class RSSTPenalty:
         return lam
 
     @torch.no_grad()
+    def remove(self) -> None:
+        """Zero everything under the penalty: the end of an RSST state."""
+        if self.weights:
+            torch._foreach_mul_(self.weights, [1 - m for m in self.masks])
+
+    @torch.no_grad()
     def penalized_norm(self) -> float:
-        """L2 norm of the weights currently under the penalty."""
+        """L2 norm of the prunable weights currently under the penalty (P)."""
         if not self.weights:
             return 0.0
-        return float(torch.stack([(w * m).float().norm() for w, m in zip(self.weights, self.masks)]).norm())
+        pairs = list(zip(self.weights, self.masks))[: self.num_pruned]
+        return float(torch.stack([(w * m).float().norm() for w, m in pairs]).norm())
+
+
+def norm_penalty(groups, modules: dict, penalty_masks: dict[str, torch.Tensor]) -> list[tuple]:
+    """(BN weight, mask) and (BN bias, mask) for the channels a regroup drops while they still
+    hold weights in P. A BatchNorm after a conv makes the filter's scale irrelevant, so
+    shrinking the filter alone never fades the channel out (train mode renormalizes it, eval
+    mode lags behind); shrinking the channel's BN scale and shift does."""
+    from pruning_utils import unit_alive
+    out = []
+    for g in groups:
+        if g.norm is None:
+            continue
+        dropped = unit_alive(g, penalty_masks).float()
+        if bool(dropped.any()):
+            bn = modules[g.norm]
+            out += [(bn.weight, dropped.to(bn.weight.device)), (bn.bias, dropped.to(bn.bias.device))]
+    return out

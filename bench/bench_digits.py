@@ -11,15 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import time
 
-import torch
+from common import ROOT, record
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {
     "unstructured IMP": ["--struct", "rsst", "--unstructured"],
     "Refill (channels)": ["--struct", "refill"],
@@ -27,20 +25,12 @@ METHODS = {
 }
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_digits"))
     a = p.parse_args()
-    lines = [f"\n## digits, res20s, 5 states at rate 0.2, {a.epochs} epochs/state ({time.strftime('%Y-%m-%d')})\n",
-             f"Machine: {machine()}\n",
-             "| method | " + " | ".join(f"state {k} test acc (remaining %)" for k in range(5)) + " | dense -> state 4 | wall s |",
+    lines = ["| method | " + " | ".join(f"state {k} test acc (remaining %)" for k in range(5)) + " | dense -> state 4 | wall s |",
              "|---|" + "---|" * 7]
     commands = []
     for name, flags in METHODS.items():
@@ -58,9 +48,8 @@ def main() -> int:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {drop:+.2f} | {wall:.0f} |")
         commands.append("python " + " ".join(shlex.quote(c) for c in cmd[1:]).replace(ROOT + "/", ""))
         print(lines[-1], flush=True)
-    lines += ["", "Commands:", "```", *commands, "```", ""]
-    with open(os.path.join(ROOT, "bench", "RESULTS.md"), "a") as f:
-        f.write("\n".join(lines))
+    lines += ["", "Commands (one per method):", "```", *commands, "```"]
+    record(f"digits, res20s, 5 states at rate 0.2, {a.epochs} epochs/state", "python bench/bench_digits.py", lines)
     return 0
 
 

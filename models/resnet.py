@@ -61,6 +61,16 @@ class CifarResNet(nn.Module):
         """Names of the modules whose `.weight` is pruned: every conv but the stem."""
         return [n for n, m in self.named_modules() if isinstance(m, nn.Conv2d) and n != "conv1"]
 
+    def conv_norms(self) -> dict[str, str]:
+        """The BatchNorm right after each conv."""
+        out = {"conv1": "bn1"}
+        for n, m in self.named_modules():
+            if isinstance(m, BasicBlock):
+                out.update({f"{n}.conv1": f"{n}.bn1", f"{n}.conv2": f"{n}.bn2"})
+                if len(m.shortcut):
+                    out[f"{n}.shortcut.0"] = f"{n}.shortcut.1"
+        return out
+
     def channel_chains(self) -> list[tuple[str, str, str]]:
         """(producer conv, its BN, consumer) of every block-internal channel dimension:
         conv1 -> bn1 -> ReLU -> conv2. Between them only BN and ReLU act, so a channel whose

@@ -29,6 +29,12 @@ class VGG(nn.Module):
         convs = [n for n, m in self.named_modules() if isinstance(m, nn.Conv2d)]
         return convs[1:]
 
+    def conv_norms(self) -> dict[str, str]:
+        """The BatchNorm right after each conv."""
+        convs = [n for n, m in self.named_modules() if isinstance(m, nn.Conv2d)]
+        norms = [n for n, m in self.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        return dict(zip(convs, norms))
+
     def channel_chains(self) -> list[tuple[str, str, str]]:
         """(producer conv, its BN, consumer) for each conv: the next conv, or the classifier
         after the last. Between them only BN, ReLU, max pooling (no padding) and the global

@@ -163,15 +163,33 @@ BAD_INPUTS = [
     (["--arch", "resnet9000"], "--arch"),
     (["--dataset", "mnist"], "--dataset"),
     (["--criteria", "random"], "--criteria"),
+    (["--struct", "prune"], "--struct"),
+    (["--sorting_mode", "random"], "--sorting_mode"),
+    (["--prune_type", "late"], "--prune_type"),
+    (["--vit_prune_target", "heads"], "--vit_prune_target"),
+    (["--wandb", "cloud"], "--wandb"),
     (["--rate", "0"], "--rate"),
     (["--rate", "1.5"], "--rate"),
+    (["--rate", "abc"], "--rate"),
     (["--epochs", "0"], "--epochs"),
     (["--pruning_times", "0"], "--pruning_times"),
+    (["--batch_size", "0"], "--batch_size"),
     (["--fillback_rate", "2"], "--fillback_rate"),
+    (["--calib_batches", "0"], "--calib_batches"),
+    (["--exponents", "0"], "--exponents"),
+    (["--reg_granularity_prune", "-1"], "--reg_granularity_prune"),
+    (["--lr", "-0.1"], "--lr"),
+    (["--decreasing_lr", "a,b"], "--decreasing_lr"),
+    (["--prune_type", "rewind_lt", "--rewind_epoch", "5", "--epochs", "2"], "--rewind_epoch"),
     (["--vit_structured"], "--vit_structured"),
     (["--RST_schedule", "cubic"], "--RST_schedule"),
     (["--init", "/nonexistent/init.pth.tar"], "--init"),
     (["--prune_type", "pt"], "--pretrained"),
+    (["--config", "/nonexistent/args.yaml"], "--config"),
+    (["--checkpoint", "/nonexistent/ck.pth.tar", "--resume"], "--checkpoint"),
+    (["--resume", "--overwrite"], "--overwrite"),
+    (["--device", "tpu"], "--device"),
+    (["--unknown_flag", "1"], "unrecognized"),
 ]
 
 
@@ -238,3 +256,41 @@ def test_args_yaml_is_resolved_config(run_main):
         cfg = yaml.safe_load(f)
     assert cfg["optimizer"] == "adamw" and cfg["lr"] == 1e-3 and cfg["label_smoothing"] == 0.1
     assert cfg["exp_name"].startswith("rsst_vit_tiny_synthetic_exp_custom_exponents_reg1_exp4_magnitude_rate0.2")
+
+
+def test_bad_files_and_dirs_exit_2(run_main, tmp_path):
+    garbage = tmp_path / "garbage.pth.tar"
+    garbage.write_bytes(b"not a checkpoint")
+    rc, _, err = run_main("--init", str(garbage), save_dir=tmp_path / "a")
+    assert rc == 2 and "--arch" in err and len(err.strip().splitlines()) == 1
+    blocked = tmp_path / "file_not_dir"
+    blocked.write_text("x")
+    rc, _, err = run_main(save_dir=blocked)
+    assert rc == 2 and "cannot write" in err and len(err.strip().splitlines()) == 1
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("rate: 0.3\nnot_a_flag: 1\n")
+    rc, _, err = run_main("--config", str(cfg), save_dir=tmp_path / "b")
+    assert rc == 2 and "not_a_flag" in err
+
+
+def test_resume_refuses_a_checkpoint_of_another_arch(run_main, tmp_path):
+    rc, d, _ = run_main("--arch", "res20s", "--pruning_times", "2", "--epochs", "1", save_dir=tmp_path / "r")
+    assert rc == 0
+    ck = os.path.join(d, "0checkpoint.pth.tar")
+    rc, _, err = run_main("--resume", "--checkpoint", ck, "--arch", "vit_tiny", save_dir=tmp_path / "r", small=False)
+    assert rc == 2 and "--arch vit_tiny" in err and "res20s" in err and len(err.strip().splitlines()) == 1
+
+
+def test_rewind_lt_and_pt_rewind_points(run_main, tmp_path):
+    rc, d, _ = run_main("--arch", "res20s", "--pruning_times", "2", "--epochs", "2", "--prune_type", "rewind_lt",
+                        "--rewind_epoch", "1", save_dir=tmp_path / "rw")
+    assert rc == 0
+    init = torch.load(os.path.join(d, "init.pth.tar"), weights_only=True)["state_dict"]
+    rewind = torch.load(os.path.join(d, "rewind.pth.tar"), weights_only=True)["state_dict"]
+    assert not torch.equal(init["layers.0.0.conv1.weight"], rewind["layers.0.0.conv1.weight"])
+    rc, p, _ = run_main("--arch", "res20s", "--pruning_times", "1", "--epochs", "1", "--prune_type", "pt",
+                        "--pretrained", os.path.join(d, "0checkpoint.pth.tar"), save_dir=tmp_path / "pt")
+    assert rc == 0
+    start = torch.load(os.path.join(p, "init.pth.tar"), weights_only=True)["state_dict"]
+    trained = load(d, 0)["state_dict"]
+    assert all(torch.equal(start[k], trained[k]) for k in trained)

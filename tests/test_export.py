@@ -17,15 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HD = 64  # vit_tiny head dim
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only add overhead (and contend on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------ helpers
 def trained_like(name: str, seed: int = 0, **kw) -> nn.Module:
     """A small model with every parameter and BN statistic moved away from its init, so

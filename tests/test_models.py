@@ -19,15 +19,6 @@ VITS = [n for n in MODEL_NAMES if is_vit(n)]
 NUM_CLASSES = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only add overhead (and contend on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_model(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return create_model(name, NUM_CLASSES, 32, **SMALL[name])

@@ -15,15 +15,6 @@ from models import create_model
 CRITERIA = ("remain", "magnitude", "l1", "l2", "saliency")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only add overhead (and contend on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------ helpers
 def tiny_resnet(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)

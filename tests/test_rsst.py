@@ -137,3 +137,33 @@ def test_all_zero_penalty_mask_is_inactive():
         pen.step()
     assert pen.step_count == 3
     assert all(torch.equal(weights[n], before[n]) for n in weights)
+
+
+def test_norm_penalty_targets_bn_of_dropped_channels_and_remove_zeroes_them():
+    import pruning_utils as pu
+    from models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("res20s", 10, 32, width=4)
+    groups = pu.channel_groups(model)
+    assert all(g.norm is not None for g in groups)
+    modules = dict(model.named_modules())
+    weights = pu.prunable_weights(model)
+    penalty = {n: torch.zeros_like(w) for n, w in weights.items()}
+    g = groups[0]
+    penalty[g.layer][1] = 1.0  # channel 1 of the first prunable conv is being dropped
+    extra = rsst.norm_penalty(groups, modules, penalty)
+    bn = modules[g.norm]
+    assert [t for t, _ in extra] == [bn.weight, bn.bias]
+    assert extra[0][1].tolist() == [0.0, 1.0, 0.0, 0.0]
+    with torch.no_grad():
+        bn.bias.fill_(0.5)
+    pen = rsst.RSSTPenalty(weights, penalty, 0.1, 1.0, "x", 4, 10, extra=extra)
+    before = bn.weight.detach().clone()
+    pen.step()
+    assert bn.weight[1] < before[1] and torch.equal(bn.weight[[0, 2, 3]], before[[0, 2, 3]])
+    norm_before = pen.penalized_norm()
+    assert norm_before == pytest.approx(float(weights[g.layer][1].detach().norm()))  # BN not counted in P's norm
+    pen.remove()
+    assert float(bn.weight[1]) == 0.0 and float(bn.bias[1]) == 0.0 and float(bn.bias[0]) == 0.5
+    assert float(weights[g.layer][1].abs().sum()) == 0.0
