@@ -165,5 +165,5 @@ def test_norm_penalty_targets_bn_of_dropped_channels_and_remove_zeroes_them():
     norm_before = pen.penalized_norm()
     assert norm_before == pytest.approx(float(weights[g.layer][1].detach().norm()))  # BN not counted in P's norm
     pen.remove()
-    assert float(bn.weight[1]) == 0.0 and float(bn.bias[1]) == 0.0 and float(bn.bias[0]) == 0.5
+    assert float(bn.weight[1].detach()) == 0.0 and float(bn.bias[1].detach()) == 0.0 and float(bn.bias[0].detach()) == 0.5
     assert float(weights[g.layer][1].abs().sum()) == 0.0
