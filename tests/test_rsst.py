@@ -166,4 +166,4 @@ def test_norm_penalty_targets_bn_of_dropped_channels_and_remove_zeroes_them():
     assert norm_before == pytest.approx(float(weights[g.layer][1].detach().norm()))  # BN not counted in P's norm
     pen.remove()
     assert float(bn.weight[1].detach()) == 0.0 and float(bn.bias[1].detach()) == 0.0 and float(bn.bias[0].detach()) == 0.5
-    assert float(weights[g.layer][1].abs().sum()) == 0.0
+    assert float(weights[g.layer][1].detach().abs().sum()) == 0.0
