@@ -25,7 +25,7 @@ import pruning_utils as pu
 from dataset import (DATASETS, DataError, DeviceLoader, EpochSampler, ImageTensors, augment_for,
                      calibration_batches, load_splits, make_loader)
 from distributed import all_sum, any_rank, broadcast_masks, init_distributed, shutdown
-from mask_plots import load_state_masks, plot_masks, unit_kinds
+from mask_plots import load_state_masks, plot_masks, unit_kinds, units_kept_per_layer
 from models import MODEL_NAMES, create_model, is_vit
 from reporting import Logger, plot_lambda, plot_state, plot_summary, save_atomic, write_summary
 from rsst import SCHEDULES, RSSTPenalty, norm_penalty
@@ -284,8 +284,7 @@ class Ticket:
 
 def unit_counts(groups: list[pu.UnitGroup], masks: pu.Masks) -> tuple[int, int]:
     """(units with any weight alive, all units) over `groups`."""
-    alive = sum(int(pu.unit_alive(g, masks).sum()) for g in groups)
-    return alive, sum(g.num_units for g in groups)
+    return sum(units_kept_per_layer(groups, masks)), sum(g.num_units for g in groups)
 
 
 def _fmt_units(groups, masks) -> str | None:

@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from pruning_utils import unit_alive
+
 _E1 = math.e - 1.0
 
 SCHEDULES: dict[str, Callable[[float, float], float]] = {
@@ -88,7 +90,6 @@ def norm_penalty(groups, modules: dict, penalty_masks: dict[str, torch.Tensor]) 
     hold weights in P. A BatchNorm after a conv makes the filter's scale irrelevant, so
     shrinking the filter alone never fades the channel out (train mode renormalizes it, eval
     mode lags behind); shrinking the channel's BN scale and shift does."""
-    from pruning_utils import unit_alive
     out = []
     for g in groups:
         if g.norm is None:

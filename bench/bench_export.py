@@ -10,13 +10,12 @@ equivalence check runs first.
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 
 import torch
 
-from common import machine, record
+from common import apply_threads, bench_parser, machine, record
 
 import export  # noqa: E402  (common puts the repository root on sys.path)
 import pruning_utils as pu  # noqa: E402
@@ -41,19 +40,16 @@ def head_mlp_checkpoint() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = bench_parser(__doc__)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time")
     p.add_argument("--batch", type=int, default=64, help="batch size")
     p.add_argument("--repeats", type=int, default=10, help="timed forwards per model (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed forwards per model first")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--record", action="store_true", help="append the numbers to bench/RESULTS.md")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: CUDA is not available on this machine", file=sys.stderr)
         return 2
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    apply_threads(a.threads)
     print(machine())
     ck = head_mlp_checkpoint()
     masked = export.masked_model(ck)

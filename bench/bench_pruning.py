@@ -9,13 +9,12 @@ wait a scheduler slice for its second thread; the load average is printed with t
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 
 import torch
 
-from common import machine, median_seconds, record
+from common import apply_threads, bench_parser, machine, median_seconds, record
 
 import pruning_utils as pu  # noqa: E402  (common puts the repository root on sys.path)
 from models import create_model  # noqa: E402
@@ -50,13 +49,10 @@ def bench_arch(arch: str, repeats: int) -> list[tuple[str, int, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = bench_parser(__doc__)
     p.add_argument("--repeats", type=int, default=5, help="timed calls per step (median)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--record", action="store_true", help="append the numbers to bench/RESULTS.md")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    apply_threads(a.threads)
     lines = ["| step | prunable weights | median s | target |", "|---|---|---|---|"]
     print(machine())
     for arch in ("vit_small", "res56s"):

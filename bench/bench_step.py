@@ -11,7 +11,6 @@ also timed alone, which is steadier than a difference of two whole steps on a sh
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import statistics
 import sys
@@ -20,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import machine, median_seconds, record
+from common import apply_threads, bench_parser, machine, median_seconds, record
 
 import pruning_utils as pu  # noqa: E402  (common puts the repository root on sys.path)
 from models import create_model  # noqa: E402
@@ -86,15 +85,12 @@ def time_steps(variants: dict[str, Variant], batch: int, warmup: int, steps: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = bench_parser(__doc__)
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--batch", type=int, default=64, help="batch size")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--record", action="store_true", help="append the numbers to bench/RESULTS.md")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    apply_threads(a.threads)
     print(machine())
     torch.manual_seed(0)
     base = create_model("vit_tiny", 100, 32)

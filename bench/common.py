@@ -1,6 +1,7 @@
 """Shared helpers of the bench scripts: the machine description, timing, and --record."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -43,3 +44,16 @@ def record(title: str, command: str, lines: list[str]) -> None:
         f.write(f"\n## {title} ({time.strftime('%Y-%m-%d')})\n\nMachine: {machine()}\n\n"
                 f"Command: `{command}`\n\n" + "\n".join(lines) + "\n")
     print(f"appended to {RESULTS}")
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The bench scripts' parser: their own flags plus --threads and --record."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--record", action="store_true", help="append the numbers to bench/RESULTS.md")
+    return p
+
+
+def apply_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
