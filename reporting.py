@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import sys
+from typing import Callable
 
 import torch
 
@@ -16,27 +17,32 @@ SUMMARY_FIELDS = [
 ]
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file, fsync, then rename: a reader never sees half a file."""
+def write_atomic(path: str, write: Callable, mode: str = "wb") -> None:
+    """Call `write(f)` on a temporary file, fsync, then rename: a reader never sees half a file."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def save_atomic(obj, path: str) -> None:
+    """torch.save, atomically (see write_atomic)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def _write_csv(f, rows: list[dict]) -> None:
+    w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_FIELDS})
+
+
 def write_summary(save_dir: str, rows: list[dict]) -> None:
     """summary.csv and summary.json, one row per finished state."""
-    with open(os.path.join(save_dir, "summary.json.tmp"), "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(os.path.join(save_dir, "summary.json.tmp"), os.path.join(save_dir, "summary.json"))
-    with open(os.path.join(save_dir, "summary.csv.tmp"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_FIELDS})
-    os.replace(os.path.join(save_dir, "summary.csv.tmp"), os.path.join(save_dir, "summary.csv"))
+    write_atomic(os.path.join(save_dir, "summary.json"), lambda f: json.dump(rows, f, indent=1), "w")
+    write_atomic(os.path.join(save_dir, "summary.csv"), lambda f: _write_csv(f, rows), "w")
 
 
 def pyplot():
