@@ -5,9 +5,7 @@ import csv
 import json
 import os
 import sys
-from typing import Callable
-
-import torch
+from checkpoints import write_atomic
 
 SUMMARY_FIELDS = [
     "state", "imp_density", "remaining_weights", "compression", "heads_kept", "neurons_kept",
@@ -15,21 +13,6 @@ SUMMARY_FIELDS = [
     "final_val_acc", "final_test_acc", "soft_test_acc", "hard_test_acc", "final_lambda",
     "penalized_norm_ratio", "seconds",
 ]
-
-
-def write_atomic(path: str, write: Callable, mode: str = "wb") -> None:
-    """Call `write(f)` on a temporary file, fsync, then rename: a reader never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_atomic(obj, path: str) -> None:
-    """torch.save, atomically (see write_atomic)."""
-    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _write_csv(f, rows: list[dict]) -> None:

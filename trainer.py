@@ -45,6 +45,11 @@ def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+def parse_milestones(decreasing_lr: str | None) -> list[int] | None:
+    """`--decreasing_lr` "40,60" as epochs [40, 60] (None: the recipe's 50 %/75 % default)."""
+    return None if decreasing_lr is None else [int(e) for e in str(decreasing_lr).split(",")]
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str, milestones: list[int]) -> float:
     """Multiplier of the base lr at optimizer step `step`: warmup, then cosine or steps x0.1."""
     if step < warmup:

@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 
+import imp_loop
 import main_imp_fillback as mif
 import pruning_utils as pu
 from models import create_model
@@ -137,7 +138,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(run_main, tmp_path,
     flags = ("--arch", "res20s", "--pruning_times", "3", "--epochs", "2", "--criteria", "saliency")
     _, full, _ = run_main(*flags, save_dir=tmp_path / "full")
     calls = {"n": 0}
-    real = mif.train_one_epoch
+    real = imp_loop.train_one_epoch
 
     def dying(*a, **kw):
         calls["n"] += 1
@@ -145,10 +146,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(run_main, tmp_path,
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(mif, "train_one_epoch", dying)
+    monkeypatch.setattr(imp_loop, "train_one_epoch", dying)
     rc, _, err = run_main(*flags, save_dir=tmp_path / "cut")
     assert rc == 130 and "--resume" in err
-    monkeypatch.setattr(mif, "train_one_epoch", real)
+    monkeypatch.setattr(imp_loop, "train_one_epoch", real)
     rc, cut, _ = run_main("--resume", save_dir=tmp_path / "cut", small=False)
     assert rc == 0
     for k in range(3):
@@ -234,7 +235,7 @@ def test_non_finite_loss_exits_1_and_keeps_earlier_files(run_main, tmp_path):
 
 def test_non_finite_loss_later_keeps_good_checkpoints(run_main, monkeypatch):
     calls = {"n": 0}
-    real = mif.train_one_epoch
+    real = imp_loop.train_one_epoch
 
     def explode_in_state_1(*a, **kw):
         calls["n"] += 1
@@ -242,7 +243,7 @@ def test_non_finite_loss_later_keeps_good_checkpoints(run_main, monkeypatch):
             raise mif.NonFiniteLoss("training loss is nan")
         return real(*a, **kw)
 
-    monkeypatch.setattr(mif, "train_one_epoch", explode_in_state_1)
+    monkeypatch.setattr(imp_loop, "train_one_epoch", explode_in_state_1)
     rc, d, err = run_main("--arch", "res20s", "--pruning_times", "2", "--epochs", "2")
     assert rc == 1 and os.path.join(d, "latest.pth.tar") in err
     assert load(d, 0)["phase"] == "done" and len(summary_rows(d)) == 1

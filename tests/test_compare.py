@@ -11,6 +11,7 @@ import torch
 import yaml
 
 import compare
+import imp_loop
 import main_imp_fillback as mif
 import mask_plots as mp
 import models
@@ -38,7 +39,7 @@ def runs(tmp_path_factory):
     """The three runs, once per module, on depth-DEPTH ViT-Tiny (kept for the module's tests): kind -> save dir."""
     base = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mif, "create_model", shallow_model)
+        patch.setattr(imp_loop, "create_model", shallow_model)
         patch.setattr(models, "create_model", shallow_model)  # compare.masks_png_from_run builds the model
         dirs = {}
         for kind, flags in KINDS.items():

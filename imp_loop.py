@@ -1,0 +1,402 @@
+"""The state loop: train a state, prune, regroup, rewind (ALGORITHM.md "The loop").
+
+`IMPRun` owns one run: the data, the model and its prunable weights, the `Ticket` (the masks
+H, M, R, P of the current state), the RSST penalty, and the run files in the save dir.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+import pruning_utils as pu
+from checkpoints import (Interrupted, StopFlag, UsageError, epoch_seed, rng_states, save_atomic, seed_all,
+                         set_rng_states)
+from dataset import (DeviceLoader, EpochSampler, ImageTensors, augment_for, calibration_batches, load_splits,
+                     make_loader)
+from distributed import all_sum, any_rank, broadcast_masks, init_distributed
+from mask_plots import load_state_masks, plot_masks, unit_kinds, units_kept_per_layer
+from models import create_model, is_vit
+from reporting import Logger, plot_lambda, plot_state, plot_summary, write_summary
+from rsst import RSSTPenalty, norm_penalty
+from trainer import build_optimizer, build_scheduler, evaluate, parse_milestones, train_one_epoch
+from vit_pruning_utils import head_report, vit_unit_groups
+
+
+@dataclass
+class Ticket:
+    """The masks of one state: H trained under, M unstructured, R structured target, P penalized."""
+    hard: pu.Masks
+    imp: pu.Masks
+    target: pu.Masks
+    penalty: pu.Masks
+
+    def to_saved(self) -> dict:
+        return {k: pu.masks_to_bool(getattr(self, k)) for k in ("hard", "imp", "target", "penalty")}
+
+    @classmethod
+    def from_saved(cls, saved: dict, device) -> "Ticket":
+        return cls(**{k: pu.masks_from_bool(saved[k], device) for k in ("hard", "imp", "target", "penalty")})
+
+
+def unit_counts(groups: list[pu.UnitGroup], masks: pu.Masks) -> tuple[int, int]:
+    """(units with any weight alive, all units) over `groups`."""
+    return sum(units_kept_per_layer(groups, masks)), sum(g.num_units for g in groups)
+
+
+def _fmt_units(groups, masks) -> str | None:
+    if not groups:
+        return None
+    kept, total = unit_counts(groups, masks)
+    return f"{kept}/{total}"
+
+
+# ------------------------------------------------------------------------------- run
+class IMPRun:
+    """One IMP run: states of training, pruning, regrouping and rewinding."""
+
+    def __init__(self, args: argparse.Namespace, resume_ck: dict | None, stop: StopFlag | None = None):
+        self.args, self.stop = args, stop or StopFlag()
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.dist = init_distributed(args.device)
+        self.device = self._device()
+        self.vit = is_vit(args.arch)
+        seed_all(args.seed)
+        self.data = load_splits(args.dataset, args.data, self.vit, args.synthetic_size)
+        self.model = create_model(args.arch, self.data.num_classes, self.data.img_size).to(self.device)
+        if self.device.type == "cuda" and not self.vit:  # faster convs under bf16 autocast
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.weights = pu.prunable_weights(self.model)
+        self.groups = self._regroup_groups()
+        self.report = unit_kinds(self.model)
+        self.state_masks: list[dict] = []  # each finished state's hard mask, for masks.png
+        self.sampler = EpochSampler(len(self.data.train), self.dist.rank, self.dist.world)
+        self.train_batch = max(1, args.batch_size // self.dist.world)
+        self._build_loaders()
+        self.mixup = self._mixup()
+        self.rows: list[dict] = []
+        self.global_step = 0
+        self._init_weights(resume_ck)
+        ones = {n: m.to(self.device) for n, m in pu.ones_masks(self.model).items()}
+        self.ticket = Ticket(ones, ones, ones, {n: torch.zeros_like(m) for n, m in ones.items()})
+        self.net = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            self.net = DistributedDataParallel(self.model, device_ids=[self.dist.local_rank]
+                                               if self.device.type == "cuda" else None)
+        if args.compile:
+            self.net = torch.compile(self.net)
+        mode = args.wandb if self.dist.is_main else "disabled"
+        self.logger = Logger(mode, args.wandb_project, args.exp_name, vars(args), args.save_dir,
+                             (resume_ck or {}).get("wandb_id"))
+
+    # ---- setup
+    def _device(self) -> torch.device:
+        a = self.args
+        if a.device == "auto":
+            a_dev = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            a_dev = a.device
+        if a_dev.startswith("cuda") and self.dist.enabled:
+            return torch.device("cuda", self.dist.local_rank)
+        return torch.device(a_dev)
+
+    def _build_loaders(self) -> None:
+        """CPU DataLoaders, or on CUDA (unless --no_gpu_data) GPU-resident batches augmented there."""
+        a, d, bs = self.args, self.data, self.train_batch
+        drop_last = len(self.sampler) >= 2 * bs
+        if self.device.type == "cuda" and not a.no_gpu_data and isinstance(d.train, ImageTensors):
+            aug, plain = augment_for(a.dataset, self.vit, True), augment_for(a.dataset, self.vit, False)
+            self.train_loader = DeviceLoader(d.train, aug, bs, self.device, self.sampler, drop_last)
+            self.val_loader = DeviceLoader(d.val, plain, 2 * a.batch_size, self.device)
+            self.test_loader = DeviceLoader(d.test, plain, 2 * a.batch_size, self.device)
+        else:
+            self.train_loader = make_loader(d.train, bs, a.workers, self.sampler, drop_last)
+            self.val_loader = make_loader(d.val, 2 * a.batch_size, a.workers)
+            self.test_loader = make_loader(d.test, 2 * a.batch_size, a.workers)
+        self.steps_per_epoch = len(self.train_loader)
+
+    def _regroup_groups(self) -> list[pu.UnitGroup]:
+        if self.args.unstructured:
+            return []
+        if self.vit:
+            return vit_unit_groups(self.model, self.args.vit_prune_target) if self.args.vit_structured else []
+        return pu.channel_groups(self.model)
+
+    def _mixup(self):
+        a = self.args
+        if a.mixup <= 0 and a.cutmix <= 0:
+            return None
+        from timm.data import Mixup
+        return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing,
+                     num_classes=self.data.num_classes)
+
+    def _init_weights(self, resume_ck: dict | None) -> None:
+        """theta_0 from --init / --pretrained / a new init.pth.tar; theta_r per --prune_type."""
+        a, path = self.args, os.path.join(self.args.save_dir, "init.pth.tar")
+        source = a.pretrained if a.prune_type == "pt" else (a.init or (path if resume_ck is not None else None))
+        if source:
+            try:
+                sd = torch.load(source, map_location="cpu", weights_only=True)
+                self.model.load_state_dict(sd.get("state_dict", sd))
+            except Exception as e:
+                raise UsageError(f"{source}: not a weights file for --arch {a.arch} ({type(e).__name__})") from None
+        elif a.vit_pretrained:
+            from models.vit import load_imagenet_weights
+            try:
+                load_imagenet_weights(self.model, a.arch)
+            except Exception as e:
+                raise UsageError(f"--vit_pretrained: cannot fetch timm ImageNet weights for {a.arch} "
+                                 f"({type(e).__name__}); run without it or with network access") from None
+        if source != path:
+            self.save({"state_dict": self.model.state_dict(), "arch": a.arch}, "init.pth.tar")
+        self.theta_r = self._copy_state()
+        rewind_path = os.path.join(a.save_dir, "rewind.pth.tar")
+        if a.prune_type == "rewind_lt" and os.path.isfile(rewind_path) and resume_ck is not None:
+            self.theta_r = torch.load(rewind_path, map_location="cpu", weights_only=True)["state_dict"]
+
+    def _copy_state(self) -> dict:
+        """A deep copy of every parameter and buffer (never aliases the live tensors)."""
+        return {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+
+    def save(self, obj: dict, name: str) -> None:
+        """Write a file of the run (rank 0 only), atomically."""
+        if self.dist.is_main:
+            save_atomic(obj, os.path.join(self.args.save_dir, name))
+
+    def say(self, text: str) -> None:
+        if self.dist.is_main:
+            print(text, flush=True)
+
+    def rewind(self) -> None:
+        self.model.load_state_dict(self.theta_r)
+        pu.apply_masks(self.weights, self.ticket.hard)
+
+    # ---- pruning
+    def next_ticket(self, state: int) -> Ticket:
+        """After `state`: M by global magnitude, R by regroup, then H and P for the next state."""
+        a, t = self.args, self.ticket
+        total = pu.count_total(t.hard)
+        imp = pu.global_magnitude_prune(self.weights, t.hard, pu.imp_keep_count(total, a.rate, state + 1))
+        if self.groups:
+            pu.apply_masks(self.weights, imp)  # score the trained network masked by M
+            stats = None
+            if a.criteria in pu.ACTIVATION_CRITERIA:
+                batches = calibration_batches(self.data.train_plain, a.calib_batches, a.batch_size, a.seed + state)
+                stats = pu.collect_activation_stats(self.model, self.groups, batches, self.device,
+                                                    with_saliency=a.criteria == "saliency")
+            target, reports = pu.regroup(self.groups, self.weights, imp, a.criteria, stats,
+                                         a.fillback_rate, a.sorting_mode)
+            self._print_regroup(reports)
+        else:
+            target = {n: m.clone() for n, m in imp.items()}
+        if a.struct == "rsst":
+            hard = {n: torch.maximum(target[n], imp[n]) for n in imp}
+            penalty = {n: imp[n] * (1 - target[n]) for n in imp}
+        else:
+            hard, penalty = target, {n: torch.zeros_like(m) for n, m in imp.items()}
+        ticket = Ticket(hard, imp, target, penalty)
+        for masks in (ticket.hard, ticket.imp, ticket.target, ticket.penalty):
+            broadcast_masks(masks, self.dist)  # every rank trains under rank 0's decision
+        return ticket
+
+    def _print_regroup(self, reports: list[dict]) -> None:
+        a = self.args
+        self.say(f"regroup: criteria {a.criteria}, prune ratio {a.rate}, mode {a.sorting_mode}, "
+                 f"fillback {a.fillback_rate}")
+        if self.vit and any(r["kind"] == "head" for r in reports):
+            self.say(head_report(self.model, reports))
+        for kind in ("channel", "neuron"):
+            rs = [r for r in reports if r["kind"] == kind]
+            if rs:
+                self.say(f"  {kind}s kept per layer: " + " ".join(f"{r['kept']}/{r['num_units']}" for r in rs))
+
+    # ---- one state
+    def new_penalty(self, step: int = 0) -> RSSTPenalty:
+        a = self.args
+        extra = norm_penalty(self.groups, dict(self.model.named_modules()), self.ticket.penalty)
+        return RSSTPenalty(self.weights, self.ticket.penalty, a.lr, a.reg_granularity_prune, a.RST_schedule,
+                           a.exponents, self.steps_per_epoch * a.epochs, step, extra)
+
+    def train_state(self, state: int, start_epoch: int, ck: dict | None) -> dict:
+        """Train `state` from `start_epoch`; `ck` restores a state interrupted mid-way."""
+        a = self.args
+        opt = build_optimizer(self.model, a.optimizer, a.lr, a.momentum, a.weight_decay)
+        sched = build_scheduler(opt, self.steps_per_epoch, a.epochs, a.warmup, a.lr_schedule,
+                                parse_milestones(a.decreasing_lr))
+        pen = self.new_penalty()
+        st = {"history": [], "best": {"val_acc": -1.0}, "trace": {"step": [], "lambda": [], "norm": []},
+              "start_norm": pen.penalized_norm(), "elapsed": 0.0}
+        partial = None
+        if ck is not None:
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            pen = self.new_penalty(ck["rsst_step"])
+            st.update(ck["state_progress"])
+            partial = ck.get("partial")
+        hard = self.ticket.hard
+        log_every = max(1, self.steps_per_epoch * a.epochs // 200)
+        out = {"opt": opt, "sched": sched, "pen": pen, "st": st}
+
+        def after_step() -> bool:
+            if pen.active:
+                pen.step()
+            pu.apply_masks(self.weights, hard)
+            self.global_step += 1
+            if pen.active and (pen.step_count % log_every == 0 or pen.step_count == pen.total_steps):
+                ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
+                for key, v in (("step", pen.step_count), ("lambda", pen.last_lambda), ("norm", ratio)):
+                    st["trace"][key].append(v)
+                self.logger.log({"global_step": self.global_step, "state": state, "reg_lambda": pen.last_lambda,
+                                 "penalized_norm_ratio": ratio})
+            return any_rank(self.stop.signum is not None, self.dist, self.device)
+
+        for epoch in range(start_epoch, a.epochs):
+            t0 = time.time()
+            s = epoch_seed(a.seed, state, epoch)
+            seed_all(s)
+            self.data.train.epoch_seed = s
+            self.sampler.set_epoch(s, partial["steps"] * self.train_batch if partial else 0)
+            if partial:
+                set_rng_states(partial["rng"])
+            tr = train_one_epoch(self.net, self.train_loader, opt, sched, self.device, after_step,
+                                 a.label_smoothing, self.mixup, f"state {state} epoch {epoch + 1}",
+                                 partial["totals"] if partial else None, lambda t: all_sum(t, self.dist))
+            partial = None
+            st["elapsed"] += time.time() - t0
+            if tr["stopped"]:
+                self.save(self._payload(state, epoch, "train", out, {"steps": tr["totals"]["steps"],
+                          "totals": tr["totals"], "rng": rng_states()}), "latest.pth.tar")
+                raise Interrupted(self.stop.signum)
+            self._end_epoch(state, epoch, tr, out)
+        return out
+
+    def _end_epoch(self, state: int, epoch: int, tr: dict, out: dict) -> None:
+        """Evaluate, log, keep the best-val checkpoint, write latest.pth.tar."""
+        a, st, pen = self.args, out["st"], out["pen"]
+        va = evaluate(self.model, self.val_loader, self.device)
+        te = evaluate(self.model, self.test_loader, self.device)
+        row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
+               "val_acc": va["acc"], "test_loss": te["loss"], "test_acc": te["acc"], "lr": tr["lr"],
+               "reg_lambda": pen.last_lambda}
+        st["history"].append(row)
+        if va["acc"] > st["best"]["val_acc"]:
+            st["best"] = {"val_acc": va["acc"], "test_acc": te["acc"], "epoch": epoch + 1}
+            self.save(self._payload(state, epoch + 1, "best", out), f"{state}model_SA_best.pth.tar")
+        self.say(f"state {state:2d} epoch {epoch + 1:3d}/{a.epochs} | train loss {tr['loss']:.4f} acc {tr['acc']:6.2f}"
+                 f" | val {va['acc']:6.2f} | test {te['acc']:6.2f} | lr {tr['lr']:.2e}"
+                 + (f" | lambda {pen.last_lambda:.3g}" if pen.active else ""))
+        self.logger.log({"global_step": self.global_step, "state": state, "epoch": epoch + 1,
+                         **{k: v for k, v in row.items() if k != "epoch"}})
+        if a.prune_type == "rewind_lt" and state == 0 and epoch + 1 == a.rewind_epoch:
+            self.theta_r = self._copy_state()
+            self.save({"state_dict": self.theta_r}, "rewind.pth.tar")
+        self.save(self._payload(state, epoch + 1, "train", out), "latest.pth.tar")
+
+    def finish_state(self, state: int, out: dict) -> None:
+        """RSST hard prune, final evaluation, state checkpoint, summary row and plots."""
+        a, pen, st = self.args, out["pen"], out["st"]
+        soft = hard = norm_ratio = None
+        if pen.active:
+            norm_ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
+            soft = evaluate(self.model, self.test_loader, self.device)["acc"]
+            pen.remove()
+            self.ticket.hard = self.ticket.target
+            pu.apply_masks(self.weights, self.ticket.hard)
+            hard = evaluate(self.model, self.test_loader, self.device)["acc"]
+            self.say(f"state {state:2d} RSST: penalized norm ratio {norm_ratio:.4f}, "
+                     f"soft test acc {soft:.2f} -> hard test acc {hard:.2f}")
+        val = evaluate(self.model, self.val_loader, self.device)
+        test = evaluate(self.model, self.test_loader, self.device)
+        t = self.ticket
+        remaining = pu.density(t.hard)
+        row = {
+            "state": state, "imp_density": round(100 * pu.density(t.imp), 4),
+            "remaining_weights": round(100 * remaining, 4), "compression": round(1 / max(remaining, 1e-12), 4),
+            "heads_kept": _fmt_units(self.report.get("heads"), t.hard),
+            "neurons_kept": _fmt_units(self.report.get("neurons"), t.hard),
+            "channels_kept": _fmt_units(self.report.get("channels"), t.hard),
+            "structured_sparsity": self._structured_sparsity(),
+            "best_epoch": st["best"].get("epoch"), "best_val_acc": st["best"]["val_acc"],
+            "test_acc_at_best_val": st["best"].get("test_acc"),
+            "final_val_acc": val["acc"], "final_test_acc": test["acc"], "soft_test_acc": soft,
+            "hard_test_acc": hard, "final_lambda": pen.last_lambda if pen.active else None,
+            "penalized_norm_ratio": norm_ratio, "seconds": round(st["elapsed"], 1),
+        }
+        self.rows.append(row)
+        self.save(self._payload(state, a.epochs, "done", out), f"{state}checkpoint.pth.tar")
+        self.save({"phase": "done", "state": state, "file": f"{state}checkpoint.pth.tar"}, "latest.pth.tar")
+        self.state_masks.append(pu.masks_to_bool(t.hard))
+        if self.dist.is_main:
+            self._write_reports(state, st, pen)
+        self.logger.log({"global_step": self.global_step, "state": state, "remaining_weights": row["remaining_weights"],
+                         "imp_density": row["imp_density"], "state_test_acc": row["final_test_acc"],
+                         "state_best_val_acc": row["best_val_acc"]})
+        self.say(f"== state {state} done: remaining {row['remaining_weights']:.2f}% (imp {row['imp_density']:.2f}%), "
+                 f"units {row['heads_kept'] or row['channels_kept']}, test acc {test['acc']:.2f} ==")
+        if self.dist.enabled:
+            digest = sum(float(m.sum()) * (i + 1) for i, m in enumerate(t.hard.values()))
+            print(f"rank {self.dist.rank} state {state} mask digest {digest:.1f}", flush=True)
+
+    def _write_reports(self, state: int, st: dict, pen: RSSTPenalty) -> None:
+        a = self.args
+        write_summary(a.save_dir, self.rows)
+        plot_state(os.path.join(a.save_dir, f"{state}_curves.png"), st["history"], f"{a.exp_name}: state {state}")
+        if pen.active:
+            tr = st["trace"]
+            plot_lambda(os.path.join(a.save_dir, f"{state}_lambda.png"), tr["step"], tr["lambda"], tr["norm"],
+                        f"RSST state {state}: {a.RST_schedule}")
+        plot_summary(os.path.join(a.save_dir, "summary.png"), self.rows, a.exp_name)
+        plot_masks(os.path.join(a.save_dir, "masks.png"), a.exp_name, self.state_masks, self.report)
+
+    def _structured_sparsity(self) -> float | None:
+        groups = self.groups or [g for gs in self.report.values() for g in gs]
+        kept, total = unit_counts(groups, self.ticket.hard)
+        return round(100 * (1 - kept / total), 4) if total else None
+
+    def _payload(self, state: int, epoch: int, phase: str, out: dict, partial: dict | None = None) -> dict:
+        return {
+            "phase": phase, "state": state, "epoch": epoch, "partial": partial,
+            "arch": self.args.arch, "dataset": self.args.dataset,
+            "num_classes": self.data.num_classes, "img_size": self.data.img_size,
+            "config": dict(vars(self.args)), "state_dict": self.model.state_dict(),
+            "masks": self.ticket.to_saved(), "mask": pu.masks_to_bool(self.ticket.hard),
+            "optimizer": out["opt"].state_dict(), "scheduler": out["sched"].state_dict(),
+            "rsst_step": out["pen"].step_count, "rsst_lambda": out["pen"].last_lambda,
+            "state_progress": out["st"], "rows": list(self.rows), "global_step": self.global_step,
+            "wandb_id": self.logger.run_id,
+        }
+
+    # ---- the loop
+    def run(self, resume_ck: dict | None) -> None:
+        a = self.args
+        state, start_epoch, mid = 0, 0, None
+        if resume_ck is not None:
+            self.model.load_state_dict(resume_ck["state_dict"])
+            self.ticket = Ticket.from_saved(resume_ck["masks"], self.device)
+            self.rows, self.global_step = list(resume_ck["rows"]), resume_ck["global_step"]
+            self.state_masks = load_state_masks(a.save_dir)[: len(self.rows)]
+            state = resume_ck["state"]
+            if resume_ck["phase"] == "done":
+                state += 1
+            else:
+                start_epoch, mid = resume_ck["epoch"], resume_ck
+            self.say(f"resuming {a.save_dir} at state {state} epoch {start_epoch}")
+        while state < a.pruning_times:
+            if mid is None:
+                if state > 0:
+                    self.ticket = self.next_ticket(state - 1)
+                self.rewind()
+                t = self.ticket
+                self.say(f"== state {state}/{a.pruning_times - 1}: imp density {100 * pu.density(t.imp):.2f}%, "
+                         f"trained density {100 * pu.density(t.hard):.2f}%, target {100 * pu.density(t.target):.2f}%, "
+                         f"penalized {pu.count_ones(t.penalty)} weights ==")
+            out = self.train_state(state, start_epoch, mid)
+            self.finish_state(state, out)
+            state, start_epoch, mid = state + 1, 0, None
+        self.logger.finish()
+
