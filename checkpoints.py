@@ -1,38 +1,106 @@
-"""Run files and process state: atomic saves, the resume choice, signals, RNG state.
+"""Run files and process state: the save-dir lock, atomic saves, the resume choice, signals, RNG.
 
-Everything a run needs to survive a kill: checkpoints written to a temporary file, fsynced and
-renamed; the newest readable checkpoint for `--resume`; SIGINT/SIGTERM turned into a clean stop
-at a step boundary; and every RNG stream, saved and restored for an exact continuation.
+Everything a run needs to survive a kill: an exclusive lock on the save dir for the life of the
+run; checkpoints written to a per-process temporary file, fsynced and renamed (a failed write
+leaves no partial file and raises `SaveError`); the newest readable checkpoint for `--resume`;
+SIGINT/SIGTERM turned into a clean stop at a step boundary; and every RNG stream, saved and
+restored for an exact continuation.
 """
 from __future__ import annotations
 
-import argparse
+import fcntl
 import glob
 import os
 import random
+import re
 import signal
+import socket
 import sys
+import time
 from typing import Callable
 
 import numpy as np
 import torch
+import yaml
+
+from errors import UsageError
 
 OUTPUT_GLOBS = ("*checkpoint.pth.tar", "*model_SA_best.pth.tar", "latest.pth.tar", "rewind.pth.tar",
-                "summary.csv", "summary.json", "args.yaml", "*.png")
+                "init.pth.tar", "summary.csv", "summary.json", "args.yaml", "*.png")
+STATE_FILE = re.compile(r"(\d+)checkpoint\.pth\.tar")
 
 
-class UsageError(Exception):
-    """Bad command line or input: one line on stderr, exit code 2."""
+class SaveError(OSError):
+    """A run file could not be written (disk full, permissions): exit code 1."""
 
 
+# ------------------------------------------------------------------------- save dir
+class RunDir:
+    """An exclusive `fcntl.flock` on `DIR/.lock`, held for the life of a run (the kernel drops
+    it when the process dies, even by SIGKILL). `release(failed=True)` also removes a save dir
+    this run created and left empty."""
+
+    def __init__(self, path: str, create: bool = True):
+        self.path = path
+        self.created = not os.path.isdir(path)
+        if self.created and not create:
+            raise UsageError(f"--resume: nothing to resume, {path} does not exist")
+        try:
+            os.makedirs(path, exist_ok=True)
+            self.fd = open(os.path.join(path, ".lock"), "a+")
+        except OSError as e:
+            raise UsageError(f"--save_dir {path}: cannot write ({e.strerror})") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fd.seek(0)
+            holder = self.fd.read().strip() or "unknown process"
+            self.fd.close()
+            raise UsageError(f"--save_dir {path}: in use by another run ({holder}); wait for it to end or "
+                             "use another --save_dir") from None
+        self.fd.seek(0)
+        self.fd.truncate()
+        self.fd.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        self.fd.flush()
+        for leftover in glob.glob(os.path.join(path, "*.tmp")):  # from a killed run: never complete
+            os.remove(leftover)
+
+    def release(self, failed: bool = False) -> None:
+        if self.fd.closed:
+            return
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self.fd.close()
+        if failed and self.created and os.listdir(self.path) == [".lock"]:
+            os.remove(os.path.join(self.path, ".lock"))
+            os.rmdir(self.path)
+
+
+def find_existing_run(save_dir: str) -> list[str]:
+    return sorted(f for pat in OUTPUT_GLOBS for f in glob.glob(os.path.join(save_dir, pat)))
+
+
+def last_good_checkpoint(save_dir: str) -> str:
+    path = os.path.join(save_dir, "latest.pth.tar")
+    return path if os.path.isfile(path) else "none yet (failed in the first epoch)"
+
+
+# --------------------------------------------------------------------------- writing
 def write_atomic(path: str, write: Callable, mode: str = "wb") -> None:
-    """Call `write(f)` on a temporary file, fsync, then rename: a reader never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Call `write(f)` on a temporary file of this process, fsync, then rename: a reader never
+    sees half a file. On any failure (torch.save reports a full disk as RuntimeError) the
+    temporary file is removed and `SaveError` names the file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise SaveError(f"cannot write {path} ({reason})") from None
 
 
 def save_atomic(obj, path: str) -> None:
@@ -40,6 +108,111 @@ def save_atomic(obj, path: str) -> None:
     write_atomic(path, lambda f: torch.save(obj, f))
 
 
+def write_yaml(path: str, data: dict) -> None:
+    write_atomic(path, lambda f: yaml.safe_dump(data, f, sort_keys=True), "w")
+
+
+# --------------------------------------------------------------------------- reading
+def read_checkpoint(path: str) -> dict | None:
+    """A checkpoint of this tool, or None (with one warning line) when it cannot be read."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(ck, dict) and "file" in ck:  # latest.pth.tar points at the last finished state
+            ck = torch.load(os.path.join(os.path.dirname(path), ck["file"]), map_location="cpu", weights_only=False)
+        if isinstance(ck, dict) and "state_dict" in ck and "masks" in ck and "config" in ck:
+            return ck
+        raise ValueError("not a checkpoint of this tool")
+    except Exception as e:
+        print(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__})", file=sys.stderr)
+        return None
+
+
+def state_checkpoints(save_dir: str) -> dict[int, str]:
+    """{state: path} of the `{state}checkpoint.pth.tar` files in `save_dir`."""
+    out = {}
+    for path in glob.glob(os.path.join(save_dir, "*checkpoint.pth.tar")):
+        match = STATE_FILE.fullmatch(os.path.basename(path))
+        if match:
+            out[int(match.group(1))] = path
+    return out
+
+
+def load_resume_checkpoint(save_dir: str, checkpoint: str | None) -> dict | None:
+    """The newest readable checkpoint: `checkpoint`, else latest.pth.tar, else the highest
+    {state}checkpoint.pth.tar; unreadable ones are skipped with a warning. None when the dir
+    holds a run's args.yaml but no checkpoint (killed in its first epoch)."""
+    if checkpoint:
+        candidates = [checkpoint]
+    else:
+        states = state_checkpoints(save_dir)
+        candidates = [os.path.join(save_dir, "latest.pth.tar")] + [states[s] for s in sorted(states, reverse=True)]
+    for path in candidates:
+        if os.path.isfile(path):
+            ck = read_checkpoint(path)
+            if ck is not None:
+                return ck
+    if not checkpoint and os.path.isfile(os.path.join(save_dir, "args.yaml")):
+        return None
+    raise UsageError(f"--resume: nothing to resume, no readable checkpoint in {checkpoint or save_dir}")
+
+
+def adopt_saved_run(args, config: dict, given: set[str], skip: tuple, where: str) -> None:
+    """--resume: take the saved run's config; refuse a flag given now that differs from it."""
+    for key, saved in config.items():
+        if key in skip or key == "save_dir" or not hasattr(args, key):
+            continue
+        if key in given and getattr(args, key) != saved:
+            raise UsageError(f"--{key} {getattr(args, key)}: {where} holds a run with --{key} {saved} "
+                             f"({config.get('arch')}, {config.get('dataset')}, {config.get('struct')}); "
+                             f"resume it without --{key} or start a new run")
+        setattr(args, key, saved)
+
+
+def open_run(args, given: set[str], runtime_keys: tuple, rank: int = 0) -> dict | None:
+    """With the save dir locked: the checkpoint to resume (adopting its config into `args`), or
+    None for a new run, after checking that the dir holds no other run (--overwrite clears it)."""
+    resume_ck = None
+    if args.resume:
+        resume_ck = load_resume_checkpoint(args.save_dir, args.checkpoint)
+        if resume_ck is None:  # stopped in the first epoch: its args.yaml is the whole run
+            try:
+                with open(os.path.join(args.save_dir, "args.yaml")) as f:
+                    config = yaml.safe_load(f)
+                assert isinstance(config, dict)
+            except (OSError, yaml.YAMLError, AssertionError):
+                raise UsageError(f"--resume: nothing to resume, no readable checkpoint or args.yaml in "
+                                 f"{args.save_dir}") from None
+            adopt_saved_run(args, config, given, runtime_keys, args.save_dir)
+            print(f"{args.save_dir}: no checkpoint yet (stopped in its first epoch): starting the run over",
+                  file=sys.stderr)
+            args.resume = False
+        else:
+            adopt_saved_run(args, resume_ck["config"], given, runtime_keys, args.checkpoint or args.save_dir)
+        return resume_ck
+    existing = find_existing_run(args.save_dir)
+    if existing and not args.overwrite:
+        raise UsageError(f"--save_dir {args.save_dir} holds another run ({os.path.basename(existing[0])}); "
+                         "pass --resume to continue it or --overwrite to replace it")
+    if rank == 0:
+        for f in existing:
+            os.remove(f)
+    return None
+
+
+def check_resume_processes(ck: dict, world: int, save_dir: str) -> None:
+    """A resumed run uses the same number of processes (exit 2 otherwise); another thread count
+    is allowed but breaks bit-exactness, which one warning line says."""
+    saved = ck.get("world", 1)
+    if saved != world:
+        raise UsageError(f"--resume: {save_dir} was run with {saved} process(es), this is {world}; resume it "
+                         f"with the same count (torchrun --nproc_per_node={saved} ...)")
+    if ck.get("threads") not in (None, torch.get_num_threads()):
+        print(f"warning: resuming with {torch.get_num_threads()} CPU threads, the run used {ck['threads']}: "
+              "results will not be bit-identical to an uninterrupted run (pass --threads "
+              f"{ck['threads']} to match)", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------ RNG
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -52,22 +225,34 @@ def epoch_seed(seed: int, state: int, epoch: int) -> int:
     return (seed * 1_000_003 + state * 10_007 + epoch * 101 + 17) % (2 ** 63)
 
 
-def rng_states() -> dict:
-    """Every RNG the training step draws from (dropout, drop path, mixup), for exact resume."""
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s random streams (dropout, drop path, augmentation): rank 0 keeps
+    `seed` (a one-process run is unchanged), other ranks get their own."""
+    return seed if rank == 0 else (seed + rank * 0x9E3779B97F4A7C15) % (2 ** 63)
+
+
+def rng_states(device: torch.device | None = None) -> dict:
+    """Every RNG the training step draws from (dropout, drop path, mixup), for exact resume:
+    the CPU streams and, on CUDA, this process's own device."""
     out = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
     return out
 
 
-def set_rng_states(states: dict) -> None:
+def set_rng_states(states: dict, device: torch.device | None = None) -> None:
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda = states.get("cuda")
+    if cuda is not None and device is not None and device.type == "cuda":
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every device's state
+            cuda = cuda[device.index or 0] if (device.index or 0) < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
+# -------------------------------------------------------------------------- signals
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loop finishes its step, writes a checkpoint and exits."""
     signum: int | None = None
@@ -97,42 +282,3 @@ def install_stop_handlers(stop: StopFlag) -> dict:
 def restore_handlers(previous: dict) -> None:
     for sig, h in previous.items():
         signal.signal(sig, h)
-
-
-
-def find_existing_run(save_dir: str) -> list[str]:
-    return sorted(f for pat in OUTPUT_GLOBS for f in glob.glob(os.path.join(save_dir, pat)))
-
-
-
-def last_good_checkpoint(save_dir: str) -> str:
-    path = os.path.join(save_dir, "latest.pth.tar")
-    return path if os.path.isfile(path) else "none yet (failed in the first epoch)"
-
-
-
-def load_resume_checkpoint(args: argparse.Namespace) -> dict:
-    """The newest readable checkpoint: --checkpoint, else latest.pth.tar, else the highest
-    {state}checkpoint.pth.tar; unreadable ones are skipped with a warning."""
-    if args.checkpoint:
-        candidates = [args.checkpoint]
-    else:
-        states = glob.glob(os.path.join(args.save_dir, "*checkpoint.pth.tar"))
-        states.sort(key=lambda p: int(os.path.basename(p).split("checkpoint")[0] or -1), reverse=True)
-        candidates = [os.path.join(args.save_dir, "latest.pth.tar")] + states
-    for path in candidates:
-        if not os.path.isfile(path):
-            continue
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=False)
-            if "file" in ck:  # latest.pth.tar points at the last finished state's checkpoint
-                ck = torch.load(os.path.join(os.path.dirname(path), ck["file"]), map_location="cpu",
-                                weights_only=False)
-            if "state_dict" in ck and "masks" in ck:
-                return ck
-            raise ValueError("not a checkpoint of this tool")
-        except Exception as e:
-            print(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__})", file=sys.stderr)
-    where = args.checkpoint or args.save_dir
-    raise UsageError(f"--resume: nothing to resume, no readable checkpoint in {where}")
-

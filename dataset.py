@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
+
+from errors import DataError
 
 DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "tiny_imagenet")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10, "synthetic": 10, "tiny_imagenet": 200}
@@ -27,18 +29,14 @@ MEAN_STD = {
 SPLIT_SEED = 0  # the train/val split is fixed, independent of --seed
 
 
-class DataError(Exception):
-    """Missing or unreadable dataset: reported as one line, exit code 2."""
-
-
 class SeededTransforms(Dataset):
     """Base of our datasets: sample i's random augmentation is seeded by (epoch_seed, i), so an
     epoch's data is the same whichever worker loads it and wherever a run resumes."""
     epoch_seed = 0
 
     def _apply(self, i: int, img):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.epoch_seed * 1_000_003 + i) % (2 ** 63))
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: CUDA streams stay untouched
+            torch.default_generator.manual_seed((self.epoch_seed * 1_000_003 + i) % (2 ** 63))
             return self.transform(img)
 
 
@@ -53,26 +51,6 @@ class ImageTensors(SeededTransforms):
 
     def __getitem__(self, i: int):
         return self._apply(i, self.images[i]), int(self.labels[i])
-
-
-class EpochSampler(Sampler[int]):
-    """Shuffled indices from `set_epoch(seed)` alone, sharded over `world` ranks (equal shards),
-    optionally starting `start` samples into the rank's order (a resumed epoch)."""
-
-    def __init__(self, n: int, rank: int = 0, world: int = 1):
-        self.n, self.rank, self.world = n, rank, world
-        self.seed, self.start = 0, 0
-
-    def set_epoch(self, seed: int, start: int = 0) -> None:
-        self.seed, self.start = seed, start
-
-    def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
-        shard = perm[: self.n // self.world * self.world][self.rank::self.world]
-        return iter(shard[self.start:].tolist())
-
-    def __len__(self) -> int:
-        return self.n // self.world - self.start
 
 
 @dataclass
@@ -96,19 +74,21 @@ class Augment:
     std: tuple
 
 
-def augment_for(dataset: str, vit: bool, train: bool) -> Augment:
+def augment_for(dataset: str, strong: bool, train: bool) -> Augment:
+    """The training (or evaluation) transform of `dataset`; `strong` adds TrivialAugment (the
+    ViT recipe)."""
     size = IMG_SIZE[dataset]
     mean, std = MEAN_STD.get(dataset, ((0.5,) * 3, (0.5,) * 3))
     if not train or dataset == "synthetic":
         return Augment(size, 0, False, False, mean, std)
     pad = 2 if dataset == "digits" else size // 8
     # digits are not mirror-symmetric; small-data ViTs need strong augmentation (RECIPES.md)
-    return Augment(size, pad, dataset != "digits", vit, mean, std)
+    return Augment(size, pad, dataset != "digits", strong, mean, std)
 
 
-def build_transforms(dataset: str, vit: bool, train: bool):
+def build_transforms(dataset: str, strong: bool, train: bool):
     """Per-sample transform on uint8 images (or PIL): augmentation, then float + normalize."""
-    aug = augment_for(dataset, vit, train)
+    aug = augment_for(dataset, strong, train)
     ops = [v2.ToImage()]
     if aug.pad:
         ops.append(v2.RandomCrop(aug.size, padding=aug.pad))
@@ -228,73 +208,3 @@ def load_splits(name: str, root: str, vit: bool, synthetic_size: int = 512) -> D
                       ImageTensors(xt, yt, ev), NUM_CLASSES[name], IMG_SIZE[name])
 
 
-def make_loader(ds: Dataset, batch_size: int, workers: int, sampler: Sampler | None = None,
-                drop_last: bool = False) -> DataLoader:
-    """A DataLoader in `sampler` order (sequential without one)."""
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
-
-
-def calibration_batches(ds: Dataset, batches: int, batch_size: int, seed: int) -> list:
-    """`batches` fixed batches of un-augmented training images for activation criteria."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(ds), generator=g)[: batches * batch_size].tolist()
-    out = []
-    for b in range(0, len(idx), batch_size):
-        items = [ds[i] for i in idx[b:b + batch_size]]
-        out.append((torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])))
-    return out
-
-
-# ------------------------------------------------------------------ GPU-resident loader
-def crop_flip_batch(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding `pad`) and horizontal flip of a uint8 batch [B, C, H, W], per
-    image, in a few whole-batch ops on x's device; offsets and flips are drawn from `g` (CPU)."""
-    b, c, h, w = x.shape
-    if pad:
-        xp = F.pad(x, (pad, pad, pad, pad))
-        oy = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
-        ox = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
-        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * pad)
-        x = xp.gather(2, rows)
-        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, c, h, w)
-        x = x.gather(3, cols)
-    if flip:
-        mirror = (torch.rand(b, generator=g) < 0.5).to(x.device)[:, None, None, None]
-        x = torch.where(mirror, x.flip(3), x)
-    return x
-
-
-class DeviceLoader:
-    """Batches of an in-memory uint8 dataset kept on the device, augmented there as whole
-    batches (airbench-style): no worker processes, no host-to-device copies per step.
-
-    The order comes from `sampler` (so resume and sharding behave as with the DataLoader);
-    crop/flip randomness is seeded per (epoch seed, batch). TrivialAugment, when the recipe
-    asks for it, is applied with one op per group of `trivial_group` images.
-    """
-
-    def __init__(self, ds: "ImageTensors", aug: Augment, batch_size: int, device: torch.device,
-                 sampler: Sampler | None = None, drop_last: bool = False, trivial_group: int = 8):
-        self.images = ds.images.to(device)
-        self.labels = ds.labels.to(device)
-        self.ds, self.aug, self.batch_size, self.device = ds, aug, batch_size, device
-        self.sampler, self.drop_last, self.trivial_group = sampler, drop_last, trivial_group
-        self.mean = torch.tensor(aug.mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(aug.std, device=device).view(1, 3, 1, 1) * 255
-        self.trivial = v2.TrivialAugmentWide() if aug.trivial else None
-
-    def __len__(self) -> int:
-        n = len(self.sampler) if self.sampler is not None else len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self):
-        order = torch.tensor(list(self.sampler) if self.sampler is not None else range(len(self.labels)))
-        start = getattr(self.sampler, "start", 0) // self.batch_size
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size].to(self.device)
-            g = torch.Generator().manual_seed((self.ds.epoch_seed * 1_000_003 + start + b) % (2 ** 63))
-            x = crop_flip_batch(self.images[idx], self.aug.pad, self.aug.flip, g)
-            if self.trivial is not None:
-                x = torch.cat([self.trivial(part) for part in x.split(self.trivial_group)])
-            yield (x.float() - self.mean) / self.std, self.labels[idx]

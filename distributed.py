@@ -52,10 +52,14 @@ def all_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 def broadcast_masks(masks: dict[str, torch.Tensor], d: Dist) -> None:
-    """Make every rank hold rank 0's masks (in place)."""
-    if d.enabled:
-        for m in masks.values():
-            dist.broadcast(m, 0)
+    """Make every rank hold rank 0's masks (in place). Each mask must own contiguous memory (a
+    stride-0 expanded view would receive into memory it shares); bool masks travel as uint8."""
+    if not d.enabled:
+        return
+    for name, m in masks.items():
+        if not m.is_contiguous() or 0 in m.stride():
+            raise ValueError(f"mask {name} is not contiguous: cannot receive a broadcast in place")
+        dist.broadcast(m.view(torch.uint8) if m.dtype == torch.bool else m, 0)
 
 
 def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:

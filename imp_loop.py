@@ -1,7 +1,9 @@
 """The state loop: train a state, prune, regroup, rewind (ALGORITHM.md "The loop").
 
 `IMPRun` owns one run: the data, the model and its prunable weights, the `Ticket` (the masks
-H, M, R, P of the current state), the RSST penalty, and the run files in the save dir.
+H, M, R, P of the current state), the RSST penalty, and the run files in the save dir. Every
+optimizer step is followed by the penalty (RSST) and the hard mask, which also zeroes the
+BatchNorm scale and shift of dropped CNN channels, so a dropped unit is dead.
 """
 from __future__ import annotations
 
@@ -13,15 +15,16 @@ from dataclasses import dataclass
 import torch
 
 import pruning_utils as pu
-from checkpoints import (Interrupted, StopFlag, UsageError, epoch_seed, rng_states, save_atomic, seed_all,
-                         set_rng_states)
-from dataset import (DeviceLoader, EpochSampler, ImageTensors, augment_for, calibration_batches, load_splits,
-                     make_loader)
-from distributed import all_sum, any_rank, broadcast_masks, init_distributed
-from mask_plots import load_state_masks, plot_masks, unit_kinds, units_kept_per_layer
+from checkpoints import (Interrupted, StopFlag, check_resume_processes, epoch_seed, read_checkpoint, rank_seed, rng_states, save_atomic,
+                         seed_all, set_rng_states)
+from dataset import load_splits
+from distributed import all_sum, any_rank, broadcast_masks, init_distributed, shutdown
+from errors import UsageError
+from loaders import EpochSampler, build_loaders, calibration_batches
+from mask_plots import load_state_masks, plot_masks, unit_kinds
 from models import create_model, is_vit
-from reporting import Logger, plot_lambda, plot_state, plot_summary, write_summary
-from rsst import RSSTPenalty, norm_penalty
+from reporting import Logger, plot_lambda, plot_state, plot_summary, state_row, write_summary
+from rsst import RSSTPenalty, describe_plan, norm_penalty, plan_penalty
 from trainer import build_optimizer, build_scheduler, evaluate, parse_milestones, train_one_epoch
 from vit_pruning_utils import head_report, vit_unit_groups
 
@@ -42,18 +45,6 @@ class Ticket:
         return cls(**{k: pu.masks_from_bool(saved[k], device) for k in ("hard", "imp", "target", "penalty")})
 
 
-def unit_counts(groups: list[pu.UnitGroup], masks: pu.Masks) -> tuple[int, int]:
-    """(units with any weight alive, all units) over `groups`."""
-    return sum(units_kept_per_layer(groups, masks)), sum(g.num_units for g in groups)
-
-
-def _fmt_units(groups, masks) -> str | None:
-    if not groups:
-        return None
-    kept, total = unit_counts(groups, masks)
-    return f"{kept}/{total}"
-
-
 # ------------------------------------------------------------------------------- run
 class IMPRun:
     """One IMP run: states of training, pruning, regrouping and rewinding."""
@@ -63,26 +54,33 @@ class IMPRun:
         if args.threads:
             torch.set_num_threads(args.threads)
         self.dist = init_distributed(args.device)
+        if resume_ck is not None:
+            check_resume_processes(resume_ck, self.dist.world, args.save_dir)
         self.device = self._device()
         self.vit = is_vit(args.arch)
         seed_all(args.seed)
-        self.data = load_splits(args.dataset, args.data, self.vit, args.synthetic_size)
+        strong = self.vit and args.augment == "recipe"  # TrivialAugment: the ViT recipe
+        self.data = load_splits(args.dataset, args.data, strong, args.synthetic_size)
         self.model = create_model(args.arch, self.data.num_classes, self.data.img_size).to(self.device)
         if self.device.type == "cuda" and not self.vit:  # faster convs under bf16 autocast
             self.model = self.model.to(memory_format=torch.channels_last)
         self.weights = pu.prunable_weights(self.model)
+        self.modules = dict(self.model.named_modules())
         self.groups = self._regroup_groups()
         self.report = unit_kinds(self.model)
         self.state_masks: list[dict] = []  # each finished state's hard mask, for masks.png
         self.sampler = EpochSampler(len(self.data.train), self.dist.rank, self.dist.world)
         self.train_batch = max(1, args.batch_size // self.dist.world)
-        self._build_loaders()
+        self.train_loader, self.val_loader, self.test_loader = build_loaders(
+            self.data, args.dataset, strong, self.device, self.sampler, self.train_batch, 2 * args.batch_size,
+            args.workers, batched=not args.no_gpu_data, rank=self.dist.rank)
+        self.steps_per_epoch = len(self.train_loader)
         self.mixup = self._mixup()
         self.rows: list[dict] = []
         self.global_step = 0
         self._init_weights(resume_ck)
         ones = {n: m.to(self.device) for n, m in pu.ones_masks(self.model).items()}
-        self.ticket = Ticket(ones, ones, ones, {n: torch.zeros_like(m) for n, m in ones.items()})
+        self.set_ticket(Ticket(ones, ones, ones, {n: torch.zeros_like(m) for n, m in ones.items()}))
         self.net = self.model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -96,29 +94,12 @@ class IMPRun:
 
     # ---- setup
     def _device(self) -> torch.device:
-        a = self.args
-        if a.device == "auto":
-            a_dev = "cuda" if torch.cuda.is_available() else "cpu"
-        else:
-            a_dev = a.device
-        if a_dev.startswith("cuda") and self.dist.enabled:
+        dev = self.args.device
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if dev.startswith("cuda") and self.dist.enabled:
             return torch.device("cuda", self.dist.local_rank)
-        return torch.device(a_dev)
-
-    def _build_loaders(self) -> None:
-        """CPU DataLoaders, or on CUDA (unless --no_gpu_data) GPU-resident batches augmented there."""
-        a, d, bs = self.args, self.data, self.train_batch
-        drop_last = len(self.sampler) >= 2 * bs
-        if self.device.type == "cuda" and not a.no_gpu_data and isinstance(d.train, ImageTensors):
-            aug, plain = augment_for(a.dataset, self.vit, True), augment_for(a.dataset, self.vit, False)
-            self.train_loader = DeviceLoader(d.train, aug, bs, self.device, self.sampler, drop_last)
-            self.val_loader = DeviceLoader(d.val, plain, 2 * a.batch_size, self.device)
-            self.test_loader = DeviceLoader(d.test, plain, 2 * a.batch_size, self.device)
-        else:
-            self.train_loader = make_loader(d.train, bs, a.workers, self.sampler, drop_last)
-            self.val_loader = make_loader(d.val, 2 * a.batch_size, a.workers)
-            self.test_loader = make_loader(d.test, 2 * a.batch_size, a.workers)
-        self.steps_per_epoch = len(self.train_loader)
+        return torch.device(dev)
 
     def _regroup_groups(self) -> list[pu.UnitGroup]:
         if self.args.unstructured:
@@ -172,9 +153,26 @@ class IMPRun:
         if self.dist.is_main:
             print(text, flush=True)
 
+    # ---- masks
+    def set_ticket(self, ticket: Ticket) -> None:
+        """Adopt `ticket`; its hard mask, plus the BN entries of the channels it drops, is what
+        `apply_hard` zeroes after every step."""
+        self.ticket = ticket
+        self.set_hard(ticket.hard)
+
+    def set_hard(self, hard: pu.Masks) -> None:
+        self.ticket.hard = hard
+        norms = pu.dead_norm_masks(self.report.get("channels", []), self.modules, hard)
+        self.mask_tensors = [self.weights[n] for n in hard] + [t for t, _ in norms]
+        self.mask_values = [pu.mask_like(hard[n], self.weights[n]) for n in hard] + [m for _, m in norms]
+
+    @torch.no_grad()
+    def apply_hard(self) -> None:
+        torch._foreach_mul_(self.mask_tensors, self.mask_values)
+
     def rewind(self) -> None:
         self.model.load_state_dict(self.theta_r)
-        pu.apply_masks(self.weights, self.ticket.hard)
+        self.apply_hard()
 
     # ---- pruning
     def next_ticket(self, state: int) -> Ticket:
@@ -195,8 +193,8 @@ class IMPRun:
         else:
             target = {n: m.clone() for n, m in imp.items()}
         if a.struct == "rsst":
-            hard = {n: torch.maximum(target[n], imp[n]) for n in imp}
-            penalty = {n: imp[n] * (1 - target[n]) for n in imp}
+            hard = {n: target[n] | imp[n] for n in imp}
+            penalty = {n: imp[n] & ~target[n] for n in imp}
         else:
             hard, penalty = target, {n: torch.zeros_like(m) for n, m in imp.items()}
         ticket = Ticket(hard, imp, target, penalty)
@@ -216,11 +214,14 @@ class IMPRun:
                 self.say(f"  {kind}s kept per layer: " + " ".join(f"{r['kept']}/{r['num_units']}" for r in rs))
 
     # ---- one state
-    def new_penalty(self, step: int = 0) -> RSSTPenalty:
+    def new_penalty(self, step: int = 0, last_lambda: float = 0.0) -> RSSTPenalty:
+        """This state's penalty (inactive for Refill, state 0 and an empty P), planned per --reg_mode."""
         a = self.args
-        extra = norm_penalty(self.groups, dict(self.model.named_modules()), self.ticket.penalty)
-        return RSSTPenalty(self.weights, self.ticket.penalty, a.lr, a.reg_granularity_prune, a.RST_schedule,
-                           a.exponents, self.steps_per_epoch * a.epochs, step, extra)
+        self.plan = plan_penalty(a.reg_mode, self.steps_per_epoch * a.epochs, a.lr, a.reg_granularity_prune,
+                                 a.RST_schedule, a.exponents, a.reg_target, a.reg_end)
+        extra = norm_penalty(self.groups, self.modules, self.ticket.penalty)
+        return RSSTPenalty(self.weights, self.ticket.penalty, a.lr, self.plan.strength, a.RST_schedule,
+                           a.exponents, self.plan.end_step, step, extra, last_lambda)
 
     def train_state(self, state: int, start_epoch: int, ck: dict | None) -> dict:
         """Train `state` from `start_epoch`; `ck` restores a state interrupted mid-way."""
@@ -230,35 +231,37 @@ class IMPRun:
                                 parse_milestones(a.decreasing_lr))
         pen = self.new_penalty()
         st = {"history": [], "best": {"val_acc": -1.0}, "trace": {"step": [], "lambda": [], "norm": []},
-              "start_norm": pen.penalized_norm(), "elapsed": 0.0}
+              "start_norm": pen.penalized_norm(), "elapsed": 0.0, "removal": None}
         partial = None
         if ck is not None:
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
-            pen = self.new_penalty(ck["rsst_step"])
+            pen = self.new_penalty(ck["rsst_step"], ck["rsst_lambda"])
             st.update(ck["state_progress"])
             partial = ck.get("partial")
-        hard = self.ticket.hard
-        log_every = max(1, self.steps_per_epoch * a.epochs // 200)
+        elif pen.active:
+            for line in describe_plan(self.plan, a.reg_mode, a.reg_target, a.reg_granularity_prune,
+                                      self.steps_per_epoch * a.epochs):
+                self.say(f"state {state:2d} {line}")
+        log_every = max(1, pen.end_step // 200)
         out = {"opt": opt, "sched": sched, "pen": pen, "st": st}
 
         def after_step() -> bool:
-            if pen.active:
+            if pen.active and not pen.done:
                 pen.step()
-            pu.apply_masks(self.weights, hard)
+            self.apply_hard()
             self.global_step += 1
-            if pen.active and (pen.step_count % log_every == 0 or pen.step_count == pen.total_steps):
-                ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
-                for key, v in (("step", pen.step_count), ("lambda", pen.last_lambda), ("norm", ratio)):
-                    st["trace"][key].append(v)
-                self.logger.log({"global_step": self.global_step, "state": state, "reg_lambda": pen.last_lambda,
-                                 "penalized_norm_ratio": ratio})
+            if pen.active and st["removal"] is None:
+                if pen.step_count % log_every == 0 or pen.done:
+                    self._trace(state, pen, st)
+                if pen.done:
+                    self._remove_penalized(state, pen, st)
             return any_rank(self.stop.signum is not None, self.dist, self.device)
 
         for epoch in range(start_epoch, a.epochs):
             t0 = time.time()
             s = epoch_seed(a.seed, state, epoch)
-            seed_all(s)
+            seed_all(rank_seed(s, self.dist.rank))  # dropout / drop path / mixup differ per rank
             self.data.train.epoch_seed = s
             self.sampler.set_epoch(s, partial["steps"] * self.train_batch if partial else 0)
             if partial:
@@ -275,21 +278,48 @@ class IMPRun:
             self._end_epoch(state, epoch, tr, out)
         return out
 
+    def _trace(self, state: int, pen: RSSTPenalty, st: dict) -> None:
+        ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
+        for key, v in (("step", pen.step_count), ("lambda", pen.last_lambda), ("norm", ratio)):
+            st["trace"][key].append(v)
+        self.logger.log({"global_step": self.global_step, "state": state, "reg_lambda": pen.last_lambda,
+                         "penalized_norm_ratio": ratio})
+
+    def _remove_penalized(self, state: int, pen: RSSTPenalty, st: dict) -> None:
+        """The end of the ramp: measure, zero P (mask <- R), measure again, train on under R."""
+        a = self.args
+        ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
+        soft = evaluate(self.model, self.test_loader, self.device)["acc"]
+        pen.remove()
+        self.set_hard(self.ticket.target)
+        self.apply_hard()
+        hard = evaluate(self.model, self.test_loader, self.device)["acc"]
+        self.model.train()
+        st["removal"] = {"step": pen.step_count, "soft": soft, "hard": hard, "norm_ratio": ratio}
+        left = self.steps_per_epoch * a.epochs - pen.step_count
+        self.say(f"state {state:2d} RSST removal at step {pen.step_count}: penalized norm ratio {ratio:.3g} "
+                 f"(predicted {self.plan.predicted_ratio:.3g}), soft test acc {soft:.2f} -> hard {hard:.2f}"
+                 + (f"; recovering for {left} steps" if left else ""))
+        if a.reg_mode == "calibrated" and ratio > 10 * a.reg_target:
+            self.say(f"warning: penalized norm ratio {ratio:.3g} is above 10x --reg_target {a.reg_target:g}: "
+                     "training pushed back against the penalty (try a larger --reg_granularity_prune)")
+
     def _end_epoch(self, state: int, epoch: int, tr: dict, out: dict) -> None:
-        """Evaluate, log, keep the best-val checkpoint, write latest.pth.tar."""
+        """Evaluate, log, keep the best-val checkpoint of the state's final mask, write latest."""
         a, st, pen = self.args, out["st"], out["pen"]
         va = evaluate(self.model, self.val_loader, self.device)
         te = evaluate(self.model, self.test_loader, self.device)
         row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                "val_acc": va["acc"], "test_loss": te["loss"], "test_acc": te["acc"], "lr": tr["lr"],
-               "reg_lambda": pen.last_lambda}
+               "reg_lambda": pen.last_lambda if pen.active and not st["removal"] else 0.0}
         st["history"].append(row)
-        if va["acc"] > st["best"]["val_acc"]:
+        final_mask = not pen.active or st["removal"] is not None  # RSST: only epochs after removal
+        if final_mask and va["acc"] > st["best"]["val_acc"]:
             st["best"] = {"val_acc": va["acc"], "test_acc": te["acc"], "epoch": epoch + 1}
-            self.save(self._payload(state, epoch + 1, "best", out), f"{state}model_SA_best.pth.tar")
+            self.save(self._payload(state, epoch + 1, "best", out, slim=True), f"{state}model_SA_best.pth.tar")
         self.say(f"state {state:2d} epoch {epoch + 1:3d}/{a.epochs} | train loss {tr['loss']:.4f} acc {tr['acc']:6.2f}"
                  f" | val {va['acc']:6.2f} | test {te['acc']:6.2f} | lr {tr['lr']:.2e}"
-                 + (f" | lambda {pen.last_lambda:.3g}" if pen.active else ""))
+                 + (f" | lambda {pen.last_lambda:.3g}" if pen.active and not st["removal"] else ""))
         self.logger.log({"global_step": self.global_step, "state": state, "epoch": epoch + 1,
                          **{k: v for k, v in row.items() if k != "epoch"}})
         if a.prune_type == "rewind_lt" and state == 0 and epoch + 1 == a.rewind_epoch:
@@ -298,78 +328,69 @@ class IMPRun:
         self.save(self._payload(state, epoch + 1, "train", out), "latest.pth.tar")
 
     def finish_state(self, state: int, out: dict) -> None:
-        """RSST hard prune, final evaluation, state checkpoint, summary row and plots."""
-        a, pen, st = self.args, out["pen"], out["st"]
-        soft = hard = norm_ratio = None
-        if pen.active:
-            norm_ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
-            soft = evaluate(self.model, self.test_loader, self.device)["acc"]
-            pen.remove()
-            self.ticket.hard = self.ticket.target
-            pu.apply_masks(self.weights, self.ticket.hard)
-            hard = evaluate(self.model, self.test_loader, self.device)["acc"]
-            self.say(f"state {state:2d} RSST: penalized norm ratio {norm_ratio:.4f}, "
-                     f"soft test acc {soft:.2f} -> hard test acc {hard:.2f}")
-        val = evaluate(self.model, self.val_loader, self.device)
-        test = evaluate(self.model, self.test_loader, self.device)
-        t = self.ticket
-        remaining = pu.density(t.hard)
-        row = {
-            "state": state, "imp_density": round(100 * pu.density(t.imp), 4),
-            "remaining_weights": round(100 * remaining, 4), "compression": round(1 / max(remaining, 1e-12), 4),
-            "heads_kept": _fmt_units(self.report.get("heads"), t.hard),
-            "neurons_kept": _fmt_units(self.report.get("neurons"), t.hard),
-            "channels_kept": _fmt_units(self.report.get("channels"), t.hard),
-            "structured_sparsity": self._structured_sparsity(),
-            "best_epoch": st["best"].get("epoch"), "best_val_acc": st["best"]["val_acc"],
-            "test_acc_at_best_val": st["best"].get("test_acc"),
-            "final_val_acc": val["acc"], "final_test_acc": test["acc"], "soft_test_acc": soft,
-            "hard_test_acc": hard, "final_lambda": pen.last_lambda if pen.active else None,
-            "penalized_norm_ratio": norm_ratio, "seconds": round(st["elapsed"], 1),
-        }
+        """State checkpoint, summary row and plots; the last epoch's evaluation is the final one."""
+        pen, st = out["pen"], out["st"]
+        row = state_row(state, self.ticket, self.report, self.groups, st, pen if pen.active else None, self.plan)
         self.rows.append(row)
-        self.save(self._payload(state, a.epochs, "done", out), f"{state}checkpoint.pth.tar")
+        self.save(self._payload(state, self.args.epochs, "done", out), f"{state}checkpoint.pth.tar")
         self.save({"phase": "done", "state": state, "file": f"{state}checkpoint.pth.tar"}, "latest.pth.tar")
-        self.state_masks.append(pu.masks_to_bool(t.hard))
+        self.state_masks.append(pu.masks_to_bool(self.ticket.hard))
         if self.dist.is_main:
-            self._write_reports(state, st, pen)
+            self._write_reports(state, st)
         self.logger.log({"global_step": self.global_step, "state": state, "remaining_weights": row["remaining_weights"],
                          "imp_density": row["imp_density"], "state_test_acc": row["final_test_acc"],
                          "state_best_val_acc": row["best_val_acc"]})
         self.say(f"== state {state} done: remaining {row['remaining_weights']:.2f}% (imp {row['imp_density']:.2f}%), "
-                 f"units {row['heads_kept'] or row['channels_kept']}, test acc {test['acc']:.2f} ==")
+                 f"units {row['heads_kept'] or row['channels_kept']}, test acc {row['final_test_acc']:.2f} ==")
         if self.dist.enabled:
-            digest = sum(float(m.sum()) * (i + 1) for i, m in enumerate(t.hard.values()))
+            digest = sum(float(m.sum()) * (i + 1) for i, m in enumerate(self.ticket.hard.values()))
             print(f"rank {self.dist.rank} state {state} mask digest {digest:.1f}", flush=True)
 
-    def _write_reports(self, state: int, st: dict, pen: RSSTPenalty) -> None:
+    def _write_reports(self, state: int, st: dict) -> None:
+        """summary.csv/json, the state's curves and lambda plots, summary.png, masks.png."""
         a = self.args
         write_summary(a.save_dir, self.rows)
         plot_state(os.path.join(a.save_dir, f"{state}_curves.png"), st["history"], f"{a.exp_name}: state {state}")
-        if pen.active:
-            tr = st["trace"]
+        tr = st["trace"]
+        if tr["step"]:
             plot_lambda(os.path.join(a.save_dir, f"{state}_lambda.png"), tr["step"], tr["lambda"], tr["norm"],
-                        f"RSST state {state}: {a.RST_schedule}")
+                        f"RSST state {state}: {a.RST_schedule} ({a.reg_mode})", (st.get("removal") or {}).get("step"))
         plot_summary(os.path.join(a.save_dir, "summary.png"), self.rows, a.exp_name)
         plot_masks(os.path.join(a.save_dir, "masks.png"), a.exp_name, self.state_masks, self.report)
 
-    def _structured_sparsity(self) -> float | None:
-        groups = self.groups or [g for gs in self.report.values() for g in gs]
-        kept, total = unit_counts(groups, self.ticket.hard)
-        return round(100 * (1 - kept / total), 4) if total else None
+    def _rebuild_reports(self) -> None:
+        """After a resume: rewrite what a kill may have cut short (summary rows, plots) from the
+        state checkpoints, so a finished run always has every state's row and plots."""
+        if not self.dist.is_main or not self.rows:
+            return
+        for s in range(len(self.rows) - 1):
+            if not os.path.isfile(os.path.join(self.args.save_dir, f"{s}_curves.png")):
+                ck = read_checkpoint(os.path.join(self.args.save_dir, f"{s}checkpoint.pth.tar"))
+                if ck is not None:
+                    self._write_reports(s, ck["state_progress"])
+        last = len(self.rows) - 1
+        ck = read_checkpoint(os.path.join(self.args.save_dir, f"{last}checkpoint.pth.tar"))
+        if ck is not None:
+            self._write_reports(last, ck["state_progress"])
 
-    def _payload(self, state: int, epoch: int, phase: str, out: dict, partial: dict | None = None) -> dict:
-        return {
-            "phase": phase, "state": state, "epoch": epoch, "partial": partial,
-            "arch": self.args.arch, "dataset": self.args.dataset,
-            "num_classes": self.data.num_classes, "img_size": self.data.img_size,
-            "config": dict(vars(self.args)), "state_dict": self.model.state_dict(),
-            "masks": self.ticket.to_saved(), "mask": pu.masks_to_bool(self.ticket.hard),
-            "optimizer": out["opt"].state_dict(), "scheduler": out["sched"].state_dict(),
-            "rsst_step": out["pen"].step_count, "rsst_lambda": out["pen"].last_lambda,
-            "state_progress": out["st"], "rows": list(self.rows), "global_step": self.global_step,
-            "wandb_id": self.logger.run_id,
-        }
+    def _payload(self, state: int, epoch: int, phase: str, out: dict, partial: dict | None = None,
+                 slim: bool = False) -> dict:
+        """A checkpoint: weights and masks always; the optimizer and progress unless `slim`."""
+        ck = {"phase": phase, "state": state, "epoch": epoch, "arch": self.args.arch, "dataset": self.args.dataset,
+              "num_classes": self.data.num_classes, "img_size": self.data.img_size,
+              "config": dict(vars(self.args)), "state_dict": self.model.state_dict(),
+              "world": self.dist.world, "threads": torch.get_num_threads()}
+        masks = self.ticket.to_saved()
+        if slim:
+            return {**ck, "mask": masks["hard"]}
+        ck.update(masks=masks, mask=masks["hard"])  # one tensor, stored once
+        return {**ck, "partial": partial, "optimizer": out["opt"].state_dict(), "scheduler": out["sched"].state_dict(),
+                "rsst_step": out["pen"].step_count, "rsst_lambda": out["pen"].last_lambda,
+                "state_progress": out["st"], "rows": list(self.rows), "global_step": self.global_step,
+                "wandb_id": self.logger.run_id}
+
+    def close(self) -> None:
+        shutdown(self.dist)
 
     # ---- the loop
     def run(self, resume_ck: dict | None) -> None:
@@ -377,7 +398,7 @@ class IMPRun:
         state, start_epoch, mid = 0, 0, None
         if resume_ck is not None:
             self.model.load_state_dict(resume_ck["state_dict"])
-            self.ticket = Ticket.from_saved(resume_ck["masks"], self.device)
+            self.set_ticket(Ticket.from_saved(resume_ck["masks"], self.device))
             self.rows, self.global_step = list(resume_ck["rows"]), resume_ck["global_step"]
             self.state_masks = load_state_masks(a.save_dir)[: len(self.rows)]
             state = resume_ck["state"]
@@ -385,11 +406,16 @@ class IMPRun:
                 state += 1
             else:
                 start_epoch, mid = resume_ck["epoch"], resume_ck
+            self._rebuild_reports()
+            if state >= a.pruning_times:
+                self.say(f"{a.save_dir}: the run has finished all {a.pruning_times} states; summary and plots "
+                         "are complete, nothing to resume")
+                return
             self.say(f"resuming {a.save_dir} at state {state} epoch {start_epoch}")
         while state < a.pruning_times:
             if mid is None:
                 if state > 0:
-                    self.ticket = self.next_ticket(state - 1)
+                    self.set_ticket(self.next_ticket(state - 1))
                 self.rewind()
                 t = self.ticket
                 self.say(f"== state {state}/{a.pruning_times - 1}: imp density {100 * pu.density(t.imp):.2f}%, "
@@ -399,4 +425,3 @@ class IMPRun:
             self.finish_state(state, out)
             state, start_epoch, mid = state + 1, 0, None
         self.logger.finish()
-

@@ -5,30 +5,32 @@ heads, MLP neurons) R. Refill trains the next state under R; RSST trains under R
 growing penalty on P = M and not R, then removes P. See ALGORITHM.md and CLI.md.
 
     python main_imp_fillback.py --arch vit_tiny --dataset cifar100 --struct rsst --vit_structured
+
+This module is the command line: parse, validate, set up, run. Bad input is reported before
+torch is imported (instant); the state loop lives in imp_loop.py, run files in checkpoints.py.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shlex
 import sys
-import time
 
-import torch
 import yaml
 
-import pruning_utils as pu
-from checkpoints import (Interrupted, StopFlag, UsageError, find_existing_run, install_stop_handlers,
-                         last_good_checkpoint, load_resume_checkpoint, restore_handlers)
-from dataset import DATASETS, DataError
-from distributed import shutdown
-from imp_loop import IMPRun
+from errors import UsageError
 from models import MODEL_NAMES, is_vit
-from rsst import SCHEDULES
-from trainer import RECIPES, NonFiniteLoss, parse_milestones
-from vit_pruning_utils import VIT_TARGETS
 
+# The choices of the command line, kept here so a typo is reported before torch loads;
+# tests/test_cli.py checks them against the implementations (dataset, pruning_utils, rsst).
+DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "tiny_imagenet")
+CRITERIA = ("l1", "l2", "magnitude", "remain", "saliency")
+SCHEDULES = ("exp", "exp_custom", "exp_custom_exponents", "x", "x^2", "x^3")
+VIT_TARGETS = ("head", "mlp", "both")
 RUNTIME_KEYS = ("config", "resume", "checkpoint", "overwrite", "wandb", "device", "workers", "threads")
 RUN_KEYS = ("save_dir", "exp_name")  # name a run: not taken from --config, kept on --resume
+MAX_SEED = 2 ** 32 - 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,247 +38,276 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class _Help(argparse.HelpFormatter):
+    """Adds "(default: X)" where a default exists and the help does not state it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 # ------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
     g = p.add_argument_group("Data")
     g.add_argument("--dataset", default="cifar10", choices=DATASETS, help="dataset")
     g.add_argument("--data", default="data", help="dataset root (CIFAR is downloaded here when reachable)")
-    g.add_argument("--batch_size", type=int, default=128, help="batch size")
-    g.add_argument("--workers", type=int, default=None, help="loader workers (default: 0 for digits/synthetic, else min(4, cpus))")
+    g.add_argument("--batch_size", type=int, default=128, help="batch size (global, split over ranks)")
+    g.add_argument("--workers", type=int, default=None, help="loader workers (default: 0 for in-memory data, else min(4, cpus))")
     g.add_argument("--synthetic_size", type=int, default=512, help="training images of --dataset synthetic")
+    g.add_argument("--augment", default="recipe", choices=["recipe", "light"],
+                   help="recipe: the family's augmentation (ViT: TrivialAugment, mixup, cutmix); light: crop and flip only")
     g.add_argument("--no_gpu_data", action="store_true",
-                   help="on CUDA, use the CPU DataLoader instead of GPU-resident data augmented on the GPU")
+                   help="per-sample DataLoader instead of batched augmentation of in-memory data (GPU or CPU)")
     g = p.add_argument_group("Model")
     g.add_argument("--arch", default="res20s", choices=MODEL_NAMES, help="model")
     g.add_argument("--init", default=None, help="init weights file (default: create init.pth.tar in the save dir)")
     g.add_argument("--vit_pretrained", action="store_true", help="start ViTs from timm ImageNet weights (needs network)")
-    g = p.add_argument_group("Training (defaults: per-family recipe, see README)")
+    g = p.add_argument_group("Training (None: the per-family recipe, see README)")
     g.add_argument("--epochs", type=int, default=80, help="epochs per state")
-    g.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="CNN: sgd, ViT: adamw")
-    g.add_argument("--lr", type=float, default=None, help="base lr (CNN 0.1, ViT 1e-3)")
-    g.add_argument("--momentum", type=float, default=None, help="SGD momentum (0.9)")
-    g.add_argument("--weight_decay", type=float, default=None, help="CNN 1e-4, ViT 0.05")
-    g.add_argument("--warmup", type=float, default=None, help="warmup epochs (CNN 0, ViT min(5, epochs/8))")
+    g.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="CNN sgd, ViT adamw")
+    g.add_argument("--lr", type=finite, default=None, help="base lr (CNN 0.1, ViT 1e-3)")
+    g.add_argument("--momentum", type=finite, default=None, help="SGD momentum in [0, 1) (0.9)")
+    g.add_argument("--weight_decay", type=finite, default=None, help="CNN 1e-4, ViT 0.05")
+    g.add_argument("--warmup", type=finite, default=None, help="warmup epochs (CNN 0, ViT min(5, epochs/8))")
     g.add_argument("--lr_schedule", default=None, choices=["step", "cosine"], help="CNN step, ViT cosine")
-    g.add_argument("--decreasing_lr", default=None, help="epochs of x0.1 steps, e.g. 40,60 (default: at 50%%,75%% of the state)")
-    g.add_argument("--label_smoothing", type=float, default=None, help="CNN 0, ViT 0.1")
-    g.add_argument("--mixup", type=float, default=None, help="mixup alpha (CNN 0, ViT 0.8)")
-    g.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (CNN 0, ViT 1.0)")
-    g.add_argument("--seed", type=int, default=1, help="seeds python, numpy and torch")
+    g.add_argument("--decreasing_lr", default=None, help="epochs of x0.1 steps, e.g. 40,60 (CNN: 50%%, 75%% of the state)")
+    g.add_argument("--label_smoothing", type=finite, default=None, help="in [0, 1) (CNN 0, ViT 0.1)")
+    g.add_argument("--mixup", type=finite, default=None, help="mixup alpha (CNN 0, ViT 0.8)")
+    g.add_argument("--cutmix", type=finite, default=None, help="cutmix alpha (CNN 0, ViT 1.0)")
+    g.add_argument("--seed", type=int, default=1, help=f"seeds python, numpy and torch, in [0, {MAX_SEED}]")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: auto, see README)")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="CUDA mixed precision: auto = bf16 where supported, else fp16 with loss scaling")
+    g.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels (bit-exact GPU resume, slower)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     g = p.add_argument_group("Pruning")
     g.add_argument("--struct", default="rsst", choices=["rsst", "refill"], help="how to reach the structured mask")
     g.add_argument("--unstructured", action="store_true", help="skip the regroup (R = M): plain unstructured IMP")
-    g.add_argument("--criteria", default="magnitude", choices=sorted(pu.CRITERIA), help="unit importance")
+    g.add_argument("--criteria", default="magnitude", choices=CRITERIA, help="unit importance")
     g.add_argument("--sorting_mode", default="layerwise", choices=["layerwise", "global"], help="unit ranking scope")
-    g.add_argument("--rate", type=float, default=0.2, help="fraction of remaining prunable weights removed per state")
+    g.add_argument("--rate", type=finite, default=0.2, help="fraction of remaining prunable weights removed per state")
     g.add_argument("--pruning_times", type=int, default=20, help="number of states")
-    g.add_argument("--fillback_rate", type=float, default=0.0, help="fraction of missing units added back, in [0, 1]")
+    g.add_argument("--fillback_rate", type=finite, default=0.0, help="fraction of missing units added back, in [0, 1]")
     g.add_argument("--calib_batches", type=int, default=1, help="batches for l1/l2/saliency")
     g.add_argument("--prune_type", default="lt", choices=["lt", "rewind_lt", "pt"], help="rewind point")
     g.add_argument("--rewind_epoch", type=int, default=2, help="rewind_lt: epoch of state 0 to rewind to")
     g.add_argument("--pretrained", default=None, help="pt: weights file to start from and rewind to")
     g = p.add_argument_group("RSST")
-    g.add_argument("--reg_granularity_prune", type=float, default=1.0, help="penalty strength reached at state end")
-    g.add_argument("--RST_schedule", default="exp_custom_exponents", choices=sorted(SCHEDULES), help="lambda curve")
-    g.add_argument("--exponents", type=float, default=4, help="n of exp_custom_exponents")
+    g.add_argument("--reg_mode", default="calibrated", choices=["calibrated", "raw"],
+                   help="calibrated: strength set so the pure decay reaches --reg_target at --reg_end, then "
+                        "recovery under R; raw: lambda = g f((t+1)/T), removal at the state end")
+    g.add_argument("--reg_granularity_prune", type=finite, default=1.0,
+                   help="calibrated: multiplier of the calibrated strength; raw: the peak strength g")
+    g.add_argument("--reg_target", type=finite, default=1e-3, help="calibrated: pure-decay norm ratio at removal")
+    g.add_argument("--reg_end", type=finite, default=0.5, help="calibrated: fraction of the state where P is removed")
+    g.add_argument("--RST_schedule", default="exp_custom_exponents", choices=SCHEDULES, help="lambda curve")
+    g.add_argument("--exponents", type=finite, default=4, help="n of exp_custom_exponents")
     g = p.add_argument_group("ViT")
     g.add_argument("--vit_structured", action="store_true", help="head/neuron-level quasi-structured regroup")
-    g.add_argument("--vit_prune_target", default="head", choices=VIT_TARGETS, help="unit kinds regrouped")
+    g.add_argument("--vit_prune_target", default=None, choices=VIT_TARGETS,
+                   help="unit kinds regrouped with --vit_structured (default: head)")
     g = p.add_argument_group("Output")
-    g.add_argument("--save_dir", default=None, help="output folder (default {dataset}_{struct}_output_{run name})")
+    g.add_argument("--save_dir", default=None, help="output folder (default: {dataset}_{struct}_output_{run name})")
     g.add_argument("--exp_name", default=None, help="run name (default: auto)")
     g.add_argument("--resume", action="store_true", help="continue the run in --save_dir (or --checkpoint)")
     g.add_argument("--checkpoint", default=None, help="resume from this file")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --save_dir")
-    g.add_argument("--config", default=None, help="YAML file of flags; command-line flags override it")
+    g.add_argument("--config", default=None, help="YAML file of flags (a run's args.yaml); command-line flags override it")
     g = p.add_argument_group("Logging")
-    g.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"], help="wandb mode")
+    g.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
+                   help="wandb mode; auto = online with credentials, else offline")
     g.add_argument("--wandb_project", default="RSST", help="wandb project")
     return p
+
+
+def config_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The flags of a YAML config as command-line tokens, so they meet the same checks."""
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config {path}: cannot read ({type(e).__name__})") from None
+    if cfg is None:
+        return []
+    if not isinstance(cfg, dict):
+        raise UsageError(f"--config {path}: not a mapping of flag: value")
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    unknown = sorted(str(k) for k in cfg if k not in actions)
+    if unknown:
+        raise UsageError(f"--config {path}: unknown keys {', '.join(unknown)}")
+    tokens = []
+    for key, value in cfg.items():
+        if key in RUNTIME_KEYS + RUN_KEYS or value is None:
+            continue
+        if isinstance(value, (list, dict)) or (actions[key].nargs == 0 and not isinstance(value, bool)):
+            raise UsageError(f"--config {path}: {key}: {value!r} is not a valid value for --{key}")
+        if actions[key].nargs == 0:
+            tokens += [f"--{key}"] if value else []
+        else:
+            tokens += [f"--{key}", str(value)]
+    return tokens
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
-        try:
-            with open(args.config) as f:
-                cfg = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise UsageError(f"--config {args.config}: cannot read ({type(e).__name__})") from None
-        unknown = sorted(set(cfg) - set(vars(args)))
-        if unknown:
-            raise UsageError(f"--config {args.config}: unknown keys {', '.join(unknown)}")
-        parser.set_defaults(**{k: v for k, v in cfg.items() if k not in RUNTIME_KEYS + RUN_KEYS})
-        args = parser.parse_args(argv)
+        args = parser.parse_args(config_tokens(args.config, parser) + list(sys.argv[1:] if argv is None else argv))
     return args
+
+
+def explicit_flags(argv: list[str]) -> set[str]:
+    """The flags given on the command line itself (not defaults, not --config)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def validate(args: argparse.Namespace) -> None:
     """One clear line for each bad value (CLI.md)."""
+    a = args
     checks = [
-        (0 < args.rate < 1, f"--rate {args.rate}: must be in (0, 1)"),
-        (args.epochs >= 1, f"--epochs {args.epochs}: must be >= 1"),
-        (args.pruning_times >= 1, f"--pruning_times {args.pruning_times}: must be >= 1"),
-        (args.batch_size >= 1, f"--batch_size {args.batch_size}: must be >= 1"),
-        (0 <= args.fillback_rate <= 1, f"--fillback_rate {args.fillback_rate}: must be in [0, 1]"),
-        (args.calib_batches >= 1, f"--calib_batches {args.calib_batches}: must be >= 1"),
-        (args.reg_granularity_prune >= 0, f"--reg_granularity_prune {args.reg_granularity_prune}: must be >= 0"),
-        (args.exponents > 0, f"--exponents {args.exponents}: must be > 0"),
-        (args.synthetic_size >= 16, f"--synthetic_size {args.synthetic_size}: must be >= 16"),
-        (args.lr is None or args.lr > 0, f"--lr {args.lr}: must be > 0"),
-        (args.workers is None or args.workers >= 0, f"--workers {args.workers}: must be >= 0"),
-        (args.threads >= 0, f"--threads {args.threads}: must be >= 0"),
-        (not args.vit_structured or is_vit(args.arch),
-         f"--vit_structured needs a ViT arch (got --arch {args.arch}); CNNs regroup channels by default"),
-        (args.prune_type != "pt" or args.pretrained, "--prune_type pt needs --pretrained FILE"),
-        (args.prune_type != "rewind_lt" or 0 <= args.rewind_epoch <= args.epochs,
-         f"--rewind_epoch {args.rewind_epoch}: must be in [0, --epochs]"),
-        (not args.vit_pretrained or is_vit(args.arch), "--vit_pretrained needs a ViT arch"),
-        (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other"),
-        (not args.resume or args.save_dir or args.checkpoint, "--resume needs --save_dir DIR or --checkpoint FILE"),
-        (args.device in ("auto", "cpu") or args.device.startswith("cuda"), f"--device {args.device}: use auto, cpu or cuda[:N]"),
+        (0 < a.rate < 1, f"--rate {a.rate}: must be in (0, 1)"),
+        (a.epochs >= 1, f"--epochs {a.epochs}: must be >= 1"),
+        (a.pruning_times >= 1, f"--pruning_times {a.pruning_times}: must be >= 1"),
+        (a.batch_size >= 1, f"--batch_size {a.batch_size}: must be >= 1"),
+        (0 <= a.fillback_rate <= 1, f"--fillback_rate {a.fillback_rate}: must be in [0, 1]"),
+        (a.calib_batches >= 1, f"--calib_batches {a.calib_batches}: must be >= 1"),
+        (a.reg_granularity_prune >= 0, f"--reg_granularity_prune {a.reg_granularity_prune}: must be >= 0"),
+        (a.exponents > 0, f"--exponents {a.exponents}: must be > 0"),
+        (0 < a.reg_target < 1, f"--reg_target {a.reg_target}: must be in (0, 1)"),
+        (0 < a.reg_end <= 1, f"--reg_end {a.reg_end}: must be in (0, 1]"),
+        (16 <= a.synthetic_size <= 1_000_000, f"--synthetic_size {a.synthetic_size}: must be in [16, 1000000]"),
+        (0 <= a.seed <= MAX_SEED, f"--seed {a.seed}: must be in [0, {MAX_SEED}]"),
+        (a.lr is None or a.lr > 0, f"--lr {a.lr}: must be > 0"),
+        (a.momentum is None or 0 <= a.momentum < 1, f"--momentum {a.momentum}: must be in [0, 1)"),
+        (a.weight_decay is None or a.weight_decay >= 0, f"--weight_decay {a.weight_decay}: must be >= 0"),
+        (a.warmup is None or a.warmup >= 0, f"--warmup {a.warmup}: must be >= 0"),
+        (a.label_smoothing is None or 0 <= a.label_smoothing < 1,
+         f"--label_smoothing {a.label_smoothing}: must be in [0, 1)"),
+        (a.mixup is None or a.mixup >= 0, f"--mixup {a.mixup}: must be >= 0"),
+        (a.cutmix is None or a.cutmix >= 0, f"--cutmix {a.cutmix}: must be >= 0"),
+        (a.workers is None or a.workers >= 0, f"--workers {a.workers}: must be >= 0"),
+        (a.threads >= 0, f"--threads {a.threads}: must be >= 0"),
+        (not a.vit_structured or is_vit(a.arch),
+         f"--vit_structured needs a ViT arch (got --arch {a.arch}); CNNs regroup channels by default"),
+        (a.vit_prune_target is None or a.vit_structured,
+         f"--vit_prune_target {a.vit_prune_target}: needs --vit_structured (and a ViT arch)"),
+        (a.prune_type != "pt" or a.pretrained, "--prune_type pt needs --pretrained FILE"),
+        (a.prune_type != "rewind_lt" or 0 <= a.rewind_epoch <= a.epochs,
+         f"--rewind_epoch {a.rewind_epoch}: must be in [0, --epochs]"),
+        (not a.vit_pretrained or is_vit(a.arch), "--vit_pretrained needs a ViT arch"),
+        (not (a.resume and a.overwrite), "--resume and --overwrite exclude each other"),
+        (not a.resume or a.save_dir or a.checkpoint, "--resume needs --save_dir DIR or --checkpoint FILE"),
+        (a.device in ("auto", "cpu") or a.device.startswith("cuda"), f"--device {a.device}: use auto, cpu or cuda[:N]"),
     ]
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
     for flag in ("init", "pretrained", "checkpoint"):
-        path = getattr(args, flag)
+        path = getattr(a, flag)
         if path and not os.path.isfile(path):
-            raise UsageError(f"--{flag} {path}: file not found")
-    if args.decreasing_lr:
+            raise UsageError(f"--{flag} {path}: " + ("is a directory" if os.path.isdir(path) else "file not found"))
+    if a.decreasing_lr is not None:
         try:
-            parse_milestones(args.decreasing_lr)
+            ok = all(e > 0 for e in (int(v) for v in str(a.decreasing_lr).split(",")))
         except ValueError:
-            raise UsageError(f"--decreasing_lr {args.decreasing_lr}: use comma-separated epochs, e.g. 40,60") from None
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+            ok = False
+        if not ok:
+            raise UsageError(f"--decreasing_lr {a.decreasing_lr}: use comma-separated epochs > 0, e.g. 40,60")
 
 
-def resolve_recipe(args: argparse.Namespace) -> None:
-    """Fill the per-family training defaults (README "Training recipes")."""
-    family = "vit" if is_vit(args.arch) else "cnn"
-    for key, value in RECIPES[family].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if family == "vit" and args.warmup == RECIPES["vit"]["warmup"]:
-        args.warmup = float(min(args.warmup, args.epochs // 8))
+def resolve(args: argparse.Namespace) -> None:
+    """Fill the per-family training recipe (README "Training recipes"), the run's name and dir."""
+    from reporting import auto_run_name
+    from trainer import fill_recipe
+    fill_recipe(args, is_vit(args.arch))
+    if args.vit_structured and args.vit_prune_target is None:
+        args.vit_prune_target = "head"
     if args.workers is None:
-        args.workers = 0 if args.dataset in ("digits", "synthetic") else min(4, os.cpu_count() or 1)
+        args.workers = 0 if args.dataset in ("digits", "synthetic", "cifar10", "cifar100") else min(4, os.cpu_count() or 1)
     if args.exp_name is None:
-        args.exp_name = auto_run_name(args)
+        args.exp_name = auto_run_name(args, is_vit(args.arch))
     if args.save_dir is None:
         args.save_dir = f"{args.dataset}_{args.struct}_output_{args.exp_name}"
 
 
-def auto_run_name(args: argparse.Namespace) -> str:
-    """struct, arch, dataset, schedule/reg/exponents (rsst) or fill rate (refill), criteria,
-    rate, struct_{target} with --vit_structured, timestamp."""
-    parts = [args.struct, args.arch, args.dataset]
-    if args.struct == "rsst":
-        parts += [args.RST_schedule.replace("^", ""), f"reg{args.reg_granularity_prune:g}"]
-        if args.RST_schedule == "exp_custom_exponents":
-            parts.append(f"exp{args.exponents:g}")
-    else:
-        parts.append(f"fill{args.fillback_rate:g}")
-    parts += [args.criteria, f"rate{args.rate:g}"]
-    if args.vit_structured:
-        parts.append(f"struct_{args.vit_prune_target}")
-    elif args.unstructured or is_vit(args.arch):
-        parts.append("unstructured")
-    return "_".join(parts + [time.strftime("%Y%m%d-%H%M%S")])
+def resume_command(args: argparse.Namespace) -> str:
+    """A copy-paste exact command that continues this run (interpreter, quoting, runtime flags)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--resume", "--save_dir", args.save_dir,
+           "--threads", str(args.threads), "--wandb", args.wandb, "--device", args.device]
+    return shlex.join(cmd)
 
 
 # ---------------------------------------------------------------------------- set-up
-def setup_run(argv: list[str] | None) -> tuple[argparse.Namespace, dict | None]:
-    """Parse, validate, resolve, and prepare the save dir; returns args and a resume checkpoint."""
-    args = parse_args(argv)
-    validate(args)
-    resume_ck = None
-    if args.resume:
-        resume_ck = load_resume_checkpoint(args)
-        defaults = vars(build_parser().parse_args([]))
-        for k, v in resume_ck["config"].items():
-            if k in RUNTIME_KEYS + ("save_dir",):
-                continue
-            given = getattr(args, k, None)
-            if k in defaults and given != defaults[k] and given != v:
-                where = args.checkpoint or args.save_dir
-                raise UsageError(f"--{k} {given}: {where} holds a run with --{k} {v} "
-                                 f"({resume_ck['config']['arch']}, {resume_ck['config']['dataset']}, "
-                                 f"{resume_ck['config']['struct']}); resume it without --{k} or start a new run")
-            setattr(args, k, v)
-        if not args.save_dir:
-            args.save_dir = os.path.dirname(os.path.abspath(args.checkpoint))
-    resolve_recipe(args)
-    existing = find_existing_run(args.save_dir) if os.path.isdir(args.save_dir) else []
-    if existing and not (args.resume or args.overwrite):
-        raise UsageError(f"--save_dir {args.save_dir} holds another run ({os.path.basename(existing[0])}); "
-                         "pass --resume to continue it or --overwrite to replace it")
-    if int(os.environ.get("RANK", "0")) == 0:
-        try:
-            os.makedirs(args.save_dir, exist_ok=True)
-            if args.overwrite:
-                for f in existing:
-                    os.remove(f)
-            probe = os.path.join(args.save_dir, ".write_test")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as e:
-            raise UsageError(f"--save_dir {args.save_dir}: cannot write ({e.strerror})") from None
-    return args, resume_ck
-
-
-def write_args(args: argparse.Namespace) -> None:
-    """args.yaml: the resolved config; `--config args.yaml` replays the run."""
-    with open(os.path.join(args.save_dir, "args.yaml"), "w") as f:
-        yaml.safe_dump({k: v for k, v in vars(args).items() if k not in RUNTIME_KEYS}, f, sort_keys=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    stop = StopFlag()
+def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
+    """Everything after a valid command line; exit codes per CLI.md."""
+    from checkpoints import (Interrupted, RunDir, SaveError, StopFlag, install_stop_handlers, last_good_checkpoint,
+                             open_run, restore_handlers, write_yaml)
+    from imp_loop import IMPRun
+    from trainer import NonFiniteLoss
+    stop, run_dir, run = StopFlag(), None, None
     previous = install_stop_handlers(stop)
     try:
-        return _main(argv, stop)
-    finally:
-        restore_handlers(previous)
-
-
-def _main(argv: list[str] | None, stop: StopFlag) -> int:
-    try:
-        args, resume_ck = setup_run(argv)
+        if args.resume:
+            args.save_dir = args.save_dir or os.path.dirname(os.path.abspath(args.checkpoint))
+        else:
+            resolve(args)
+        rank = int(os.environ.get("RANK", "0"))
+        run_dir = RunDir(args.save_dir, create=not args.resume) if rank == 0 else None
+        resume_ck = open_run(args, given, RUNTIME_KEYS, rank)
+        resolve(args)  # a resumed run: its saved config is already resolved
         run = IMPRun(args, resume_ck, stop)
         if resume_ck is None and run.dist.is_main:
-            write_args(args)
-    except (UsageError, DataError) as e:
+            write_yaml(os.path.join(args.save_dir, "args.yaml"),
+                       {k: v for k, v in vars(args).items() if k not in RUNTIME_KEYS})
+        run.run(resume_ck)
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    resume_cmd = f"python main_imp_fillback.py --resume --save_dir {args.save_dir}"
-    try:
-        run.run(resume_ck)
-    except NonFiniteLoss as e:
-        print(f"error: {e}; run stopped. Last good checkpoint: {last_good_checkpoint(args.save_dir)}",
-              file=sys.stderr)
+    except (NonFiniteLoss, SaveError) as e:
+        print(f"error: {e}; run stopped. Last good checkpoint: {last_good_checkpoint(args.save_dir)}", file=sys.stderr)
         return 1
     except Interrupted as e:
         if run.dist.is_main:
-            print(f"stopped by signal {e.signum}; checkpoint written. Continue with: {resume_cmd}", file=sys.stderr)
+            print(f"stopped by signal {e.signum}; checkpoint written. Continue with: {resume_command(args)}",
+                  file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        print(f"interrupted. Continue with: {resume_cmd}", file=sys.stderr)
+        print(f"interrupted. Continue with: {resume_command(args)}", file=sys.stderr)
         return 130
-    except OSError as e:
-        print(f"error: {e}; last good checkpoint: {last_good_checkpoint(args.save_dir)}", file=sys.stderr)
-        return 1
     finally:
-        shutdown(run.dist)
-    run.say(f"done: outputs in {args.save_dir}")
+        restore_handlers(previous)
+        if run is not None:
+            run.close()
+        if run_dir is not None:
+            run_dir.release(failed=run is None)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+        validate(args)
+        given = explicit_flags(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (README "CPU threads")
+    return run_setup_and_train(args, given)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ blocks or layers run along x, states along y, and every cell is annotated with i
 """
 from __future__ import annotations
 
-import glob
-import os
 import re
 
 import torch
@@ -30,15 +28,9 @@ def unit_kinds(model: nn.Module) -> UnitKinds:
     return {"channels": pu.channel_groups(model)}
 
 
-def units_kept_per_layer(groups: list[pu.UnitGroup], mask: dict[str, torch.Tensor]) -> list[int]:
-    """Units with any weight alive in `mask` (bool or 0/1 tensors), one count per group."""
-    as_float = {n: m.float() for n, m in mask.items()}
-    return [int(pu.unit_alive(g, as_float).sum()) for g in groups]
-
-
 def kept_by_state(kinds: UnitKinds, masks_by_state: list[dict[str, torch.Tensor]]) -> dict[str, list[list[int]]]:
     """For each unit kind, a [state][layer] table of units kept."""
-    return {kind: [units_kept_per_layer(groups, m) for m in masks_by_state] for kind, groups in kinds.items()}
+    return {kind: [pu.units_kept(groups, m) for m in masks_by_state] for kind, groups in kinds.items()}
 
 
 def _short_name(layer: str) -> str:
@@ -92,14 +84,14 @@ def plot_masks(path: str, model_name: str, masks_by_state: list[dict[str, torch.
 
 
 def load_state_masks(run_dir: str) -> list[dict[str, torch.Tensor]]:
-    """The hard mask of every finished state, from `{state}checkpoint.pth.tar`, in state order."""
-    found = {}
-    for f in glob.glob(os.path.join(run_dir, "*checkpoint.pth.tar")):
-        match = re.fullmatch(r"(\d+)checkpoint\.pth\.tar", os.path.basename(f))
-        if match:
-            found[int(match.group(1))] = f
+    """The hard mask of every finished state, from `{state}checkpoint.pth.tar`, in state order,
+    up to the first missing or unreadable one (skipped with one warning line)."""
+    from checkpoints import read_checkpoint, state_checkpoints
+    found = state_checkpoints(run_dir)
     masks = []
     while len(masks) in found:  # states 0, 1, ... up to the first missing one
-        ck = torch.load(found[len(masks)], map_location="cpu", weights_only=False, mmap=True)
+        ck = read_checkpoint(found[len(masks)])
+        if ck is None:
+            break
         masks.append(ck["mask"])
     return masks

@@ -1,7 +1,7 @@
 """Masks, global magnitude pruning, and the unit regroup (score -> select -> expand).
 
-A mask is a value: a dict `{module name: float 0/1 tensor shaped like its weight}` kept beside
-the model. A *unit* is a group of weights kept or dropped whole (a conv output channel, a ViT
+A mask is a value: a dict `{module name: bool tensor shaped like its weight}` kept beside the
+model (0/1 float tensors are accepted everywhere too). A *unit* is a group of weights kept or dropped whole (a conv output channel, a ViT
 head, a ViT MLP neuron); `UnitGroup` says which slices of which weights form the units of one
 layer, and which activation scores them. CNN channel groups live here; ViT head and neuron
 groups in `vit_pruning_utils.py`. See ALGORITHM.md for the specification.
@@ -27,7 +27,7 @@ def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def ones_masks(model: nn.Module) -> Masks:
-    return {n: torch.ones_like(w, dtype=torch.float32) for n, w in prunable_weights(model).items()}
+    return {n: torch.ones_like(w, dtype=torch.bool) for n, w in prunable_weights(model).items()}
 
 
 @torch.no_grad()
@@ -49,12 +49,20 @@ def density(masks: Masks) -> float:
     return count_ones(masks) / max(1, count_total(masks))
 
 
+def mask_like(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`mask` as a contiguous tensor of the weight's dtype, device and memory format (channels_last
+    weights get channels_last masks), so fused `_foreach_*` ops take their fast path."""
+    return torch.empty_like(weight).copy_(mask)
+
+
 def masks_to_bool(masks: Masks) -> dict[str, torch.Tensor]:
+    """CPU bool copies (the saved form)."""
     return {n: m.detach().cpu().bool() for n, m in masks.items()}
 
 
 def masks_from_bool(saved: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> Masks:
-    return {n: m.to(device=device, dtype=torch.float32) for n, m in saved.items()}
+    """Saved masks as bool tensors on `device`."""
+    return {n: m.to(device=device, dtype=torch.bool) for n, m in saved.items()}
 
 
 # ------------------------------------------------------------------ magnitude pruning
@@ -63,8 +71,9 @@ def imp_keep_count(total: int, rate: float, prunings: int) -> int:
     return int(math.floor(total * (1.0 - rate) ** prunings + 0.5))
 
 
-def kth_smallest(values: torch.Tensor, k: int, sample: int = 65536) -> torch.Tensor:
-    """The k-th smallest entry (1-based) of a flat tensor, exactly, as a 0-dim tensor.
+def kth_smallest(values: torch.Tensor, k: int, sample: int = 65536) -> tuple[torch.Tensor, int]:
+    """(v, c): the k-th smallest entry (1-based) of a flat tensor, exactly, as a 0-dim tensor,
+    and the number of entries smaller than it.
 
     A full `kthvalue` of tens of millions of values dominates a pruning step. A strided
     sample brackets the answer; the exact selection then runs on the values inside the
@@ -76,11 +85,14 @@ def kth_smallest(values: torch.Tensor, k: int, sample: int = 65536) -> torch.Ten
         s = torch.sort(values[::step].cpu()).values
         r, margin = (k - 1) * s.numel() // n, 4 * int(math.sqrt(s.numel())) + 8
         lo, hi = s[max(0, r - margin)].to(values.device), s[min(s.numel() - 1, r + margin)].to(values.device)
-        below = int((values < lo).count_nonzero())
-        band = values[(values >= lo) & (values <= hi)]
+        under = values < lo
+        below = int(under.count_nonzero())
+        band = values[(values <= hi).logical_and_(under.logical_not_())].cpu()
         if below < k <= below + band.numel():
-            return torch.kthvalue(band.cpu(), k - below).values.to(values.device)
-    return torch.kthvalue(values.cpu(), k).values.to(values.device)
+            v = torch.kthvalue(band, k - below).values
+            return v.to(values.device), below + int((band < v).count_nonzero())
+    v = torch.kthvalue(values.cpu(), k).values.to(values.device)
+    return v, int((values < v).count_nonzero())
 
 
 @torch.no_grad()
@@ -88,24 +100,38 @@ def global_magnitude_prune(weights: dict[str, torch.Tensor], alive: Masks, keep:
     """Keep the `keep` largest |w| among weights alive in `alive`: one threshold for all layers.
 
     Weights tied at the threshold are kept in flat index order, so the count is exact and the
-    result is deterministic. One tensor-level selection over all prunable weights: a handful
-    of ops on one flat vector, whatever the number of layers; the returned masks are views
-    into one flat buffer.
+    result is deterministic. One tensor-level selection over all prunable weights: |w| of the
+    alive weights (dead ones read as 0) written once into a flat vector, the threshold found
+    from a sampled bracket, one final compare; ties at the threshold (rare for trained
+    weights) cost one more pass. Returns bool masks, views into one flat buffer.
     """
     names = list(alive)
-    mag = torch.cat([weights[n].detach().reshape(-1) for n in names]).abs_().float()
-    live = torch.cat([alive[n].reshape(-1) for n in names]) > 0
-    mag.masked_fill_(~live, -1.0)  # dead weights rank below every alive one
-    keep = max(0, min(keep, int(live.count_nonzero())))
-    flat = torch.zeros_like(live)
-    if keep > 0:
-        thr = kth_smallest(mag, mag.numel() - keep + 1)  # >= 0: an alive magnitude
-        flat = mag > thr
-        missing = keep - int(flat.count_nonzero())
-        if missing > 0:  # ties at the threshold: first indices win
-            flat[torch.nonzero(mag == thr).flatten()[:missing]] = True
-    parts = flat.float().split([alive[n].numel() for n in names])
-    return {n: p.view_as(alive[n]) for n, p in zip(names, parts)}
+    sizes = [alive[n].numel() for n in names]
+    mag = torch.empty(sum(sizes), dtype=torch.float32, device=weights[names[0]].device)
+    n_alive = 0
+    for n, part in zip(names, mag.split(sizes)):
+        torch.abs(weights[n].detach().reshape(-1), out=part)
+        live = int(alive[n].count_nonzero())
+        if live < part.numel():
+            part.mul_(alive[n].reshape(-1))
+        n_alive += live
+    keep = max(0, min(keep, n_alive))
+    if keep == 0:
+        flat = torch.zeros(mag.numel(), dtype=torch.bool, device=mag.device)
+    else:
+        thr, smaller = kth_smallest(mag, mag.numel() - keep + 1)
+        if thr > 0:
+            flat = mag >= thr
+            extra = mag.numel() - smaller - keep  # entries tied at thr beyond the budget
+            if extra > 0:  # ties: the first indices win
+                tied = torch.nonzero(mag == thr).flatten()
+                flat[tied[tied.numel() - extra:]] = False
+        else:  # the budget reaches zero magnitudes: keep alive zeros in index order
+            flat = mag > 0
+            live = torch.cat([alive[n].reshape(-1).bool() for n in names])
+            zeros = torch.nonzero(live & ~flat).flatten()
+            flat[zeros[: keep - int(flat.count_nonzero())]] = True
+    return {n: p.view_as(alive[n]) for n, p in zip(names, flat.split(sizes))}
 
 
 # ------------------------------------------------------------------------------ units
@@ -143,10 +169,10 @@ def unit_view(t: torch.Tensor, member: Member) -> torch.Tensor:
 
 
 def expand_units(keep: torch.Tensor, member: Member, like: torch.Tensor) -> torch.Tensor:
-    """A 0/1 tensor shaped like `like` that is 1 exactly on the kept units' slices."""
+    """A bool tensor shaped like `like` (contiguous) that is True exactly on the kept units' slices."""
     view = [1] * len(member.shape)
     view[member.axis] = keep.numel()
-    return keep.float().view(view).expand(member.shape).reshape(like.shape).to(like.device)
+    return keep.bool().view(view).expand(member.shape).reshape(like.shape).to(like.device).contiguous()
 
 
 def channel_groups(model: nn.Module) -> list[UnitGroup]:
@@ -173,7 +199,27 @@ def units_all_or_nothing(groups: list[UnitGroup], masks: Masks) -> bool:
 
 def unit_alive(group: UnitGroup, masks: Masks) -> torch.Tensor:
     """Bool per unit: does any of its weights survive in `masks`?"""
-    return sum(unit_view(masks[m.name], m).sum(1) for m in group.members) > 0
+    return sum(unit_view(masks[m.name], m).float().sum(1) for m in group.members) > 0
+
+
+def units_kept(groups: list[UnitGroup], masks: Masks) -> list[int]:
+    """Units with any weight alive in `masks` (bool or 0/1 tensors), one count per group."""
+    return [int(unit_alive(g, masks).sum()) for g in groups]
+
+
+def dead_norm_masks(groups: list[UnitGroup], modules: dict[str, nn.Module],
+                    masks: Masks) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(BN weight, 0/1 mask) and (BN bias, mask) for every channel group whose BatchNorm has a
+    channel with no weight left in `masks`: masking them like weights makes a dropped channel
+    output exactly 0 (not relu(bn(0))), so the masked network is its compact export."""
+    out = []
+    for g in groups:
+        alive = unit_alive(g, masks)
+        if g.norm is None or bool(alive.all()):
+            continue
+        bn = modules[g.norm]
+        out += [(bn.weight, alive.to(bn.weight.dtype)), (bn.bias, alive.to(bn.bias.dtype))]
+    return out
 
 
 # ------------------------------------------------------------------------- criteria
@@ -327,7 +373,7 @@ def regroup(groups: list[UnitGroup], weights: dict[str, torch.Tensor], masks: Ma
         alive = unit_alive(g, masks)
         s = score_fn(g, weights, masks, stats).detach().float().cpu()
         scores[g.layer] = s.masked_fill(~alive.cpu(), -math.inf)
-        d = float(masks[g.members[0].name].mean())
+        d = float(masks[g.members[0].name].float().mean())
         budgets[g.layer] = min(unit_budget(d, g.num_units, fillback_rate), max(1, int(alive.sum())))
         reports[g.layer] = {"layer": g.layer, "kind": g.kind, "num_units": g.num_units,
                             "scores": s, "density_before": d}
@@ -345,5 +391,5 @@ def regroup(groups: list[UnitGroup], weights: dict[str, torch.Tensor], masks: Ma
             out[m.name] = expand_units(keep[g.layer], m, masks[m.name])
         rep = reports[g.layer]
         rep.update(keep=keep[g.layer], kept=int(keep[g.layer].sum()),
-                   density_after=float(out[g.members[0].name].mean()))
+                   density_after=float(out[g.members[0].name].float().mean()))
     return out, [reports[g.layer] for g in groups]

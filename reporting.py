@@ -5,14 +5,50 @@ import csv
 import json
 import os
 import sys
+import time
+
+import pruning_utils as pu
 from checkpoints import write_atomic
 
 SUMMARY_FIELDS = [
     "state", "imp_density", "remaining_weights", "compression", "heads_kept", "neurons_kept",
     "channels_kept", "structured_sparsity", "best_epoch", "best_val_acc", "test_acc_at_best_val",
     "final_val_acc", "final_test_acc", "soft_test_acc", "hard_test_acc", "final_lambda",
-    "penalized_norm_ratio", "seconds",
+    "predicted_norm_ratio", "penalized_norm_ratio", "reg_end_step", "seconds",
 ]
+
+
+def _units(groups: list, masks: dict) -> str | None:
+    """"kept/total" units with any weight alive in `masks`, over `groups`."""
+    if not groups:
+        return None
+    return f"{sum(pu.units_kept(groups, masks))}/{sum(g.num_units for g in groups)}"
+
+
+def state_row(state: int, ticket, report: dict, groups: list, st: dict, pen, plan) -> dict:
+    """The summary row of a finished state (`pen` None when no RSST penalty ran).
+
+    The final accuracies are the last epoch's evaluation, made under the state's final mask.
+    """
+    last, removal, hard = st["history"][-1], st.get("removal") or {}, ticket.hard
+    remaining = pu.density(hard)
+    all_groups = groups or [g for gs in report.values() for g in gs]
+    kept, total = sum(pu.units_kept(all_groups, hard)), sum(g.num_units for g in all_groups)
+    return {
+        "state": state, "imp_density": round(100 * pu.density(ticket.imp), 4),
+        "remaining_weights": round(100 * remaining, 4), "compression": round(1 / max(remaining, 1e-12), 4),
+        "heads_kept": _units(report.get("heads"), hard), "neurons_kept": _units(report.get("neurons"), hard),
+        "channels_kept": _units(report.get("channels"), hard),
+        "structured_sparsity": round(100 * (1 - kept / total), 4) if total else None,
+        "best_epoch": st["best"].get("epoch"), "best_val_acc": st["best"]["val_acc"],
+        "test_acc_at_best_val": st["best"].get("test_acc"),
+        "final_val_acc": last["val_acc"], "final_test_acc": last["test_acc"],
+        "soft_test_acc": removal.get("soft"), "hard_test_acc": removal.get("hard"),
+        "final_lambda": pen.last_lambda if pen else None,
+        "predicted_norm_ratio": plan.predicted_ratio if pen else None,
+        "penalized_norm_ratio": removal.get("norm_ratio"), "reg_end_step": removal.get("step"),
+        "seconds": round(st["elapsed"], 1),
+    }
 
 
 def _write_csv(f, rows: list[dict]) -> None:
@@ -37,50 +73,88 @@ def pyplot():
 
 
 def plot_state(path: str, history: list[dict], title: str) -> None:
-    """Accuracy and loss per epoch (train / val / test) of one state."""
+    """Accuracy and loss (log scale) per epoch (train / val / test) of one state."""
     plt = pyplot()
     ep = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for key in ("train", "val", "test"):
         a.plot(ep, [h[f"{key}_acc"] for h in history], marker="o", label=key)
         b.plot(ep, [h[f"{key}_loss"] for h in history], marker="o", label=key)
-    a.set(xlabel="epoch", ylabel="accuracy (%)", title=title)
-    b.set(xlabel="epoch", ylabel="loss")
+    a.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    b.set(xlabel="epoch", ylabel="loss (log)", yscale="log", title="loss")
     a.legend()
+    fig.suptitle(_fit(title))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def plot_lambda(path: str, steps: list[int], lambdas: list[float], norms: list[float], title: str) -> None:
-    """RSST: lambda and the penalized weights' norm ratio over the state's optimizer steps."""
+def _fit(title: str, width: int = 70) -> str:
+    """A long run name wrapped onto lines of at most `width` characters (at underscores)."""
+    import textwrap
+    return "\n".join(textwrap.wrap(title.replace("_", "_\u200b"), width)).replace("\u200b", "")
+
+
+def plot_lambda(path: str, steps: list[int], lambdas: list[float], norms: list[float], title: str,
+                removal_step: int | None = None) -> None:
+    """RSST: lambda (left) and the penalized weights' norm ratio (right, log scale) over the
+    state's optimizer steps, with the removal step marked."""
     plt = pyplot()
-    fig, a = plt.subplots(figsize=(6, 3.6))
-    a.plot(steps, lambdas, color="tab:red", label="reg_lambda")
-    a.set(xlabel="optimizer step in state", ylabel="lambda", title=title)
-    b = a.twinx()
-    b.plot(steps, norms, color="tab:blue", label="||w_P|| / start")
-    b.set_ylabel("penalized norm ratio")
-    fig.legend(loc="upper center")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot(steps, lambdas, color="tab:red")
+    a.set(xlabel="optimizer step in state", ylabel="reg_lambda", title="penalty strength")
+    b.plot(steps, [max(n, 1e-12) for n in norms], color="tab:blue")
+    b.set(xlabel="optimizer step in state", ylabel="||w_P|| / ||w_P at start||", yscale="log",
+          title="penalized norm ratio", ylim=(min(min(norms, default=1.0), 1e-3) / 2, 2.0))
+    if removal_step is not None:
+        for ax in (a, b):
+            ax.axvline(removal_step, color="gray", ls="--", label=f"removal (step {removal_step})")
+        a.legend(loc="upper left", fontsize=8)
+    fig.suptitle(_fit(title))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def plot_summary(path: str, rows: list[dict], title: str) -> None:
-    """Test accuracy against remaining prunable weights over the states (log x)."""
+    """Test accuracy against remaining prunable weights over the states (log x, plain tick labels)."""
     plt = pyplot()
-    fig, a = plt.subplots(figsize=(6, 4))
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    fig, a = plt.subplots(figsize=(6.5, 4.2))
     x = [r["remaining_weights"] for r in rows]
     a.plot(x, [r["final_test_acc"] for r in rows], marker="o", label="test acc (state ticket)")
     a.plot(x, [r["best_val_acc"] for r in rows], marker="s", ls="--", label="best val acc")
     a.set_xscale("log")
+    a.set_xticks(x)
+    a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    a.xaxis.set_minor_formatter(NullFormatter())
     a.invert_xaxis()
-    a.set(xlabel="remaining prunable weights (%)", ylabel="accuracy (%)", title=title)
+    a.set(xlabel="remaining prunable weights (%)", ylabel="accuracy (%)")
+    a.set_title(_fit(title, 60), fontsize=9)
     a.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def auto_run_name(args, vit: bool) -> str:
+    """struct, arch, dataset, schedule/reg/exponents (rsst) or fill rate (refill), criteria,
+    rate, struct_{target} with --vit_structured, timestamp."""
+    parts = [args.struct, args.arch, args.dataset]
+    if args.struct == "rsst":
+        parts += [args.RST_schedule.replace("^", ""), f"reg{args.reg_granularity_prune:g}"]
+        if args.RST_schedule == "exp_custom_exponents":
+            parts.append(f"exp{args.exponents:g}")
+        if args.reg_mode == "raw":
+            parts.append("raw")
+    else:
+        parts.append(f"fill{args.fillback_rate:g}")
+    parts += [args.criteria, f"rate{args.rate:g}"]
+    if args.vit_structured:
+        parts.append(f"struct_{args.vit_prune_target or 'head'}")
+    elif args.unstructured or vit:
+        parts.append("unstructured")
+    return "_".join(parts + [time.strftime("%Y%m%d-%H%M%S")])
 
 
 def _has_wandb_credentials() -> bool:

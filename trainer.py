@@ -26,6 +26,18 @@ RECIPES = {
 }
 
 
+def fill_recipe(args, vit: bool) -> None:
+    """Set every recipe flag left at None (not given) to the family's default."""
+    recipe = dict(RECIPES["vit" if vit else "cnn"])
+    if args.augment == "light":  # crop and flip only
+        recipe.update(mixup=0.0, cutmix=0.0)
+    for key, value in recipe.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if vit and args.warmup == recipe["warmup"]:  # at most 1/8 of a short state
+        args.warmup = float(min(args.warmup, args.epochs // 8))
+
+
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or Inf loss."""
 

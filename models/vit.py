@@ -1,5 +1,9 @@
 """Vision Transformers for small images, built on timm's VisionTransformer (patch 4).
 
+Geometries (embed / depth / heads / MLP ratio): vit_tiny 192 / 9 / 3 / 2, the seed's ViT-Tiny
+(the "ViT for small datasets" model with 3 heads); vit_small 384 / 12 / 6 / 4 and vit_base
+768 / 12 / 12 / 4 (DeiT's widths at patch 4).
+
 Prunable: the weights of every block's attn.qkv, attn.proj, mlp.fc1, mlp.fc2. Each block
 declares its head layout (`num_heads`, `head_dim`) through `head_layout()`.
 """
@@ -37,14 +41,14 @@ class SmallViT(VisionTransformer):
 
 
 def _vit(embed_dim: int, heads: int, num_classes: int, img_size: int, depth: int = 12,
-         drop_path_rate: float = 0.1) -> SmallViT:
+         mlp_ratio: float = 4.0, drop_path_rate: float = 0.1) -> SmallViT:
     return SmallViT(img_size=img_size, patch_size=4, num_classes=num_classes,
-                    embed_dim=embed_dim, depth=depth, num_heads=heads, mlp_ratio=4.0,
+                    embed_dim=embed_dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,
                     drop_path_rate=drop_path_rate)
 
 
 def vit_tiny(num_classes: int, img_size: int = 32, **kw) -> SmallViT:
-    return _vit(192, 3, num_classes, img_size, **kw)
+    return _vit(192, 3, num_classes, img_size, **{"depth": 9, "mlp_ratio": 2.0, **kw})
 
 
 def vit_small(num_classes: int, img_size: int = 32, **kw) -> SmallViT:

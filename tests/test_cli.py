@@ -10,6 +10,7 @@ import imp_loop
 import main_imp_fillback as mif
 import pruning_utils as pu
 from models import create_model
+from trainer import NonFiniteLoss
 from vit_pruning_utils import head_groups, neuron_groups
 
 
@@ -28,6 +29,15 @@ def summary_rows(save_dir):
 
 def same_masks(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def make_run(*argv):
+    """An IMPRun built the way the CLI builds one (parse, validate, resolve), without running it."""
+    args = mif.parse_args(list(argv) + ["--wandb", "disabled"])
+    mif.validate(args)
+    mif.resolve(args)
+    os.makedirs(args.save_dir, exist_ok=True)
+    return imp_loop.IMPRun(args, None)
 
 
 def assert_masked_weights_zero(ck):
@@ -86,9 +96,9 @@ def test_vit_head_and_neuron_masks_are_quasi_structured(run_main, struct):
 
 
 @pytest.mark.parametrize("schedule", ["x", "x^2", "x^3", "exp", "exp_custom", "exp_custom_exponents"])
-def test_rsst_lambda_grows_to_strength_and_penalized_norm_falls(run_main, schedule):
+def test_rsst_raw_lambda_grows_to_strength_and_penalized_norm_falls(run_main, schedule):
     rc, d, _ = run_main("--arch", "res20s", "--RST_schedule", schedule, "--pruning_times", "2", "--epochs", "2",
-                        "--reg_granularity_prune", "2.0")
+                        "--reg_mode", "raw", "--reg_granularity_prune", "2.0")
     assert rc == 0
     ck = load(d, 1)
     trace = ck["state_progress"]["trace"]
@@ -99,7 +109,54 @@ def test_rsst_lambda_grows_to_strength_and_penalized_norm_falls(run_main, schedu
     assert same_masks(masks_of(ck), masks_of(ck, "target"))  # the saved state mask is R
     row = summary_rows(d)[1]
     assert row["soft_test_acc"] != "" and row["hard_test_acc"] != "" and float(row["final_lambda"]) == pytest.approx(2.0)
+    assert int(row["reg_end_step"]) == ck["state_progress"]["removal"]["step"] == 6  # raw: at the state end
     assert pu.count_ones(masks_of(load(d, 1), "penalty")) > 0
+
+
+def test_rsst_calibrated_removes_at_reg_end_then_recovers(run_main):
+    """Calibrated RSST: the ramp ends and P is removed at round(reg_end * T); training goes on under R;
+    the best checkpoint is an epoch after the removal; the norm ratio at removal is near the target."""
+    rc, d, _ = run_main("--arch", "res20s", "--pruning_times", "2", "--epochs", "4", "--reg_end", "0.5")
+    assert rc == 0
+    ck = load(d, 1)
+    steps = ck["epoch"] * 3  # 96 images, batch 32, drop_last: 3 steps per epoch
+    removal = ck["state_progress"]["removal"]
+    assert removal["step"] == round(0.5 * steps) == 6
+    assert ck["state_progress"]["trace"]["step"][-1] == 6  # the penalty stopped at the removal
+    assert removal["norm_ratio"] < 1e-2
+    history = ck["state_progress"]["history"]
+    assert [h["reg_lambda"] > 0 for h in history] == [True, False, False, False]  # epoch 2 holds the removal
+    assert history[-1]["lr"] > 0 and len(history) == 4  # recovery: epochs 3 and 4 trained under R
+    row = summary_rows(d)[1]
+    assert int(row["best_epoch"]) >= 2 and float(row["predicted_norm_ratio"]) == pytest.approx(1e-3, rel=1e-3)
+    assert abs(float(row["soft_test_acc"]) - float(row["hard_test_acc"])) <= 5  # a removal of ~nothing
+    best = torch.load(os.path.join(d, "1model_SA_best.pth.tar"), map_location="cpu", weights_only=True)
+    assert same_masks(best["mask"], ck["masks"]["target"])  # the best ticket has the state's structure
+    assert "optimizer" not in best  # weights and mask only
+
+
+def test_dropped_channels_bn_entries_are_zero_after_rewind_and_steps(run_main):
+    rc, d, _ = run_main("--arch", "res20s", "--struct", "refill", "--pruning_times", "2", "--epochs", "1")
+    assert rc == 0
+    model = create_model("res20s", 10, 32)
+    norms = model.conv_norms()
+    for name in ("1checkpoint.pth.tar", "1model_SA_best.pth.tar"):
+        ck = torch.load(os.path.join(d, name), map_location="cpu", weights_only=True)
+        dropped = 0
+        for g in pu.channel_groups(model):
+            dead = ~pu.unit_alive(g, {n: m.float() for n, m in ck["mask"].items()})
+            dropped += int(dead.sum())
+            for key in ("weight", "bias"):
+                assert bool((ck["state_dict"][f"{norms[g.layer]}.{key}"][dead] == 0).all()), (name, g.layer)
+        assert dropped > 0
+    run = make_run("--arch", "res20s", "--dataset", "synthetic", "--synthetic_size", "64",
+                   "--save_dir", str(os.path.join(d, "..", "rewound")))
+    run.set_ticket(imp_loop.Ticket.from_saved(load(d, 1)["masks"], "cpu"))
+    run.rewind()  # theta_r has gamma = 1 everywhere; the rewind must kill the dropped channels again
+    state = run.model.state_dict()
+    g = pu.channel_groups(run.model)[0]
+    dead = ~pu.unit_alive(g, run.ticket.hard)
+    assert bool(dead.any()) and float(state[f"{norms[g.layer]}.weight"][dead].abs().sum()) == 0.0
 
 
 def test_same_seed_same_masks_and_config_replay(run_main, tmp_path):
@@ -116,9 +173,7 @@ def test_same_seed_same_masks_and_config_replay(run_main, tmp_path):
 
 
 def test_rewind_restores_every_parameter_and_buffer_without_aliasing(tmp_path):
-    args, ck = mif.setup_run(["--arch", "res20s", "--dataset", "synthetic", "--synthetic_size", "64",
-                              "--save_dir", str(tmp_path / "r"), "--wandb", "disabled"])
-    run = mif.IMPRun(args, ck)
+    run = make_run("--arch", "res20s", "--dataset", "synthetic", "--synthetic_size", "64", "--save_dir", str(tmp_path / "r"))
     before = {k: v.clone() for k, v in run.theta_r.items()}
     run.model.train()
     opt = torch.optim.SGD(run.model.parameters(), lr=0.5)
@@ -240,7 +295,7 @@ def test_non_finite_loss_later_keeps_good_checkpoints(run_main, monkeypatch):
     def explode_in_state_1(*a, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise mif.NonFiniteLoss("training loss is nan")
+            raise NonFiniteLoss("training loss is nan")
         return real(*a, **kw)
 
     monkeypatch.setattr(imp_loop, "train_one_epoch", explode_in_state_1)

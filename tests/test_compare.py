@@ -150,9 +150,9 @@ def test_plot_masks_counts_match_checkpoints(runs, tmp_path):
         summary = json.load(f)
     for state, row in enumerate(summary):
         assert f"{sum(table['heads'][state])}/{3 * DEPTH}" == row["heads_kept"]
-        assert f"{sum(table['neurons'][state])}/{768 * DEPTH}" == row["neurons_kept"]
+        assert f"{sum(table['neurons'][state])}/{384 * DEPTH}" == row["neurons_kept"]
         assert table["heads"][state] == [_heads_alive_from_qkv(masks[state], b) for b in model.blocks_layout()]
-    assert table["heads"][0] == [3] * DEPTH and table["neurons"][0] == [768] * DEPTH
+    assert table["heads"][0] == [3] * DEPTH and table["neurons"][0] == [384] * DEPTH
     assert sum(table["heads"][1]) < 3 * DEPTH  # the head-level regroup dropped whole heads
     for kind in table.values():  # units only disappear across states
         assert all(b <= a for a, b in zip(kind[0], kind[1]))
@@ -169,7 +169,7 @@ def _zero_units(mask, group, units):
         view[units] = False
 
 
-def test_units_kept_per_layer_counts_whole_and_partial_units():
+def test_units_kept_counts_whole_and_partial_units():
     model = shallow_model("vit_tiny", 10, 32)
     mask = {n: torch.ones_like(w, dtype=torch.bool) for n, w in pu.prunable_weights(model).items()}
     kinds = mp.unit_kinds(model)
@@ -177,10 +177,10 @@ def test_units_kept_per_layer_counts_whole_and_partial_units():
     _zero_units(mask, kinds["neurons"][1], list(range(10)))
     qkv = kinds["heads"][1].members[0]
     mask[qkv.name].view(qkv.shape)[:, 2] = False  # head 2 of block 1: proj columns still alive
-    assert mp.units_kept_per_layer(kinds["heads"], mask) == [2, 3]
-    assert mp.units_kept_per_layer(kinds["neurons"], mask) == [768, 758]
+    assert pu.units_kept(kinds["heads"], mask) == [2, 3]
+    assert pu.units_kept(kinds["neurons"], mask) == [384, 374]
     as_float = {n: m.float() for n, m in mask.items()}
-    assert mp.units_kept_per_layer(kinds["neurons"], as_float) == [768, 758]
+    assert pu.units_kept(kinds["neurons"], as_float) == [384, 374]
 
 
 def test_plot_masks_cnn_channels(tmp_path):

@@ -3,6 +3,7 @@ loader's augmentation (run here on CPU tensors)."""
 import torch
 
 import dataset as D
+import loaders as L
 
 
 def test_digits_is_a_fixed_stratified_split_of_32x32_rgb():
@@ -28,14 +29,14 @@ def test_per_sample_augmentation_depends_only_on_epoch_seed_and_index():
 
 
 def test_epoch_sampler_shards_and_resumes():
-    shards = [list(D.EpochSampler(103, r, 3).__iter__()) for r in range(3)]
+    shards = [list(L.EpochSampler(103, r, 3).__iter__()) for r in range(3)]
     for sampler_shard in shards:
         assert len(sampler_shard) == 103 // 3
     flat = sum(shards, [])
     assert len(set(flat)) == len(flat)  # disjoint
-    full = D.EpochSampler(50)
+    full = L.EpochSampler(50)
     full.set_epoch(7)
-    tail = D.EpochSampler(50)
+    tail = L.EpochSampler(50)
     tail.set_epoch(7, start=20)
     assert list(full)[20:] == list(tail) and len(tail) == 30
 
@@ -43,21 +44,21 @@ def test_epoch_sampler_shards_and_resumes():
 def test_crop_flip_batch_takes_windows_of_the_padded_image():
     torch.manual_seed(0)
     x = torch.randint(0, 255, (6, 3, 8, 8), dtype=torch.uint8)
-    y = D.crop_flip_batch(x, 2, True, torch.Generator().manual_seed(1))
+    y = L.crop_flip_batch(x, 2, True, torch.Generator().manual_seed(1))
     assert y.shape == x.shape and y.dtype == torch.uint8
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for b in range(6):
         windows = [padded[b, :, i:i + 8, j:j + 8] for i in range(5) for j in range(5)]
         windows += [w.flip(2) for w in windows]
         assert any(torch.equal(y[b], w) for w in windows)
-    same = D.crop_flip_batch(x, 2, True, torch.Generator().manual_seed(1))
+    same = L.crop_flip_batch(x, 2, True, torch.Generator().manual_seed(1))
     assert torch.equal(y, same)
-    assert torch.equal(D.crop_flip_batch(x, 0, False, torch.Generator()), x)
+    assert torch.equal(L.crop_flip_batch(x, 0, False, torch.Generator()), x)
 
 
 def test_crop_flip_batch_varies_per_image():
     x = torch.arange(64, dtype=torch.uint8).view(1, 1, 8, 8).repeat(32, 3, 1, 1)
-    y = D.crop_flip_batch(x, 2, True, torch.Generator().manual_seed(0))
+    y = L.crop_flip_batch(x, 2, True, torch.Generator().manual_seed(0))
     assert len({tuple(img.flatten().tolist()) for img in y}) > 8
 
 
@@ -65,10 +66,10 @@ def _loader(start=0, trivial=False):
     images = torch.randint(0, 255, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     ds = D.ImageTensors(images, torch.arange(40), transform=None)
     ds.epoch_seed = 3
-    sampler = D.EpochSampler(40)
+    sampler = L.EpochSampler(40)
     sampler.set_epoch(3, start)
     aug = D.Augment(32, 4, True, trivial, (0.5,) * 3, (0.25,) * 3)
-    return D.DeviceLoader(ds, aug, 8, torch.device("cpu"), sampler)
+    return L.DeviceLoader(ds, aug, 8, torch.device("cpu"), sampler)
 
 
 def test_device_loader_covers_the_epoch_once_and_normalizes():

@@ -60,7 +60,7 @@ def vit_checkpoint() -> dict:
     masks["blocks.0.mlp.fc1"][::2] = False
     masks["blocks.0.mlp.fc2"][:, ::2] = False
     masks["blocks.1.mlp.fc1"][:100] = False
-    masks["blocks.1.mlp.fc2"][:, 700:] = False
+    masks["blocks.1.mlp.fc2"][:, 300:] = False
     return checkpoint(model, "vit_tiny", masks, depth=2)
 
 
@@ -90,7 +90,7 @@ def test_vit_heads_and_neurons_removed_and_outputs_match():
     masked, compact, artifact = export_pair(vit_checkpoint())
     desc = artifact["compact"]
     assert desc["num_heads"] == [1, 2]
-    assert desc["mlp_hidden"] == [384, 768 - 100 - 68]
+    assert desc["mlp_hidden"] == [192, 384 - 100 - 84]
     for blk, heads in zip(compact.blocks, desc["num_heads"]):
         assert blk.attn.num_heads == heads
         assert blk.attn.attn_dim == heads * HD == blk.attn.proj.in_features
@@ -113,7 +113,7 @@ def test_vit_all_heads_masked_keeps_one_unit():
     masks["blocks.1.mlp.fc2"][:] = False
     masked, compact, artifact = export_pair(checkpoint(model, "vit_tiny", masks, depth=2))
     assert artifact["compact"]["num_heads"] == [3, 1]
-    assert artifact["compact"]["mlp_hidden"] == [768, 1]
+    assert artifact["compact"]["mlp_hidden"] == [384, 1]
     assert_equivalent(masked, compact)
 
 

@@ -1,5 +1,6 @@
 """Never lose a run: SIGKILL / SIGTERM mid-state then --resume equals an uninterrupted run;
 unreadable checkpoints are skipped; torchrun with gloo keeps ranks identical."""
+import csv
 import os
 import re
 import signal
@@ -46,7 +47,7 @@ def final_state(save_dir, states=3):
     cks = [torch.load(os.path.join(save_dir, f"{k}checkpoint.pth.tar"), map_location="cpu", weights_only=False)
            for k in range(states)]
     with open(os.path.join(save_dir, "summary.csv")) as f:
-        rows = [",".join(c for i, c in enumerate(line.strip().split(",")) if i != 17) for line in f]  # not seconds
+        rows = [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
     return cks, rows
 
 

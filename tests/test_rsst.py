@@ -78,7 +78,7 @@ def test_penalty_step_shrinks_only_penalized_weights():
     weights, penalty = make_case()
     lr0, g, total = 0.1, 2.0, 5
     pen = rsst.RSSTPenalty(weights, penalty, lr0=lr0, strength=g, schedule="x", exponents=4,
-                           total_steps=total)
+                           end_step=total)
     assert pen.active
     for t in range(total):
         before = {n: w.clone() for n, w in weights.items()}
@@ -96,7 +96,7 @@ def test_penalty_updates_the_weights_in_place():
     weights, penalty = make_case()
     param = torch.nn.Parameter(weights["a"].clone())
     pen = rsst.RSSTPenalty({"a": param}, {"a": penalty["a"]}, lr0=0.5, strength=1.0, schedule="x^2",
-                           exponents=4, total_steps=3)
+                           exponents=4, end_step=3)
     pen.step()
     pen.step()
     assert not torch.equal(param.detach(), weights["a"])
@@ -105,7 +105,7 @@ def test_penalty_updates_the_weights_in_place():
 def test_penalty_resumes_from_a_given_step():
     weights, penalty = make_case()
     pen = rsst.RSSTPenalty(weights, penalty, lr0=0.1, strength=1.0, schedule="exp", exponents=4,
-                           total_steps=100, step=40)
+                           end_step=100, step=40)
     assert pen.current_lambda() == rsst.reg_lambda(40, 100, 1.0, "exp")
     assert pen.step() == rsst.reg_lambda(40, 100, 1.0, "exp")
     assert pen.step_count == 41
@@ -115,7 +115,7 @@ def test_penalty_resumes_from_a_given_step():
 def test_penalized_norm_falls_monotonically(schedule):
     weights, penalty = make_case(seed=1)
     pen = rsst.RSSTPenalty(weights, penalty, lr0=0.1, strength=5.0, schedule=schedule, exponents=2,
-                           total_steps=50)
+                           end_step=50)
     expected_start = math.sqrt(sum(float((w * penalty[n]).pow(2).sum()) for n, w in weights.items()))
     norms = [pen.penalized_norm()]
     assert norms[0] == pytest.approx(expected_start, rel=1e-5)
@@ -130,7 +130,7 @@ def test_all_zero_penalty_mask_is_inactive():
     weights, _ = make_case()
     before = {n: w.clone() for n, w in weights.items()}
     pen = rsst.RSSTPenalty(weights, {n: torch.zeros_like(w) for n, w in weights.items()}, lr0=0.1,
-                           strength=1.0, schedule="x", exponents=4, total_steps=10)
+                           strength=1.0, schedule="x", exponents=4, end_step=10)
     assert not pen.active
     assert pen.penalized_norm() == 0.0
     for _ in range(3):
@@ -167,3 +167,77 @@ def test_norm_penalty_targets_bn_of_dropped_channels_and_remove_zeroes_them():
     pen.remove()
     assert float(bn.weight[1].detach()) == 0.0 and float(bn.bias[1].detach()) == 0.0 and float(bn.bias[0].detach()) == 0.5
     assert float(weights[g.layer][1].detach().abs().sum()) == 0.0
+
+
+# ------------------------------------------------------------------------ calibration
+def pure_decay(weights: dict, penalty: dict, pen: rsst.RSSTPenalty, steps: int) -> float:
+    """Run `steps` penalty steps with no gradient; the penalized norm relative to the start."""
+    start = pen.penalized_norm()
+    for _ in range(steps):
+        pen.step()
+    return pen.penalized_norm() / start
+
+
+@pytest.mark.parametrize("schedule", sorted(rsst.SCHEDULES))
+@pytest.mark.parametrize("lr0", [1e-3, 0.1])
+@pytest.mark.parametrize("end_step", [3, 40, 1000])
+def test_calibrated_strength_reaches_the_target_ratio_by_pure_decay(schedule, lr0, end_step):
+    target = 1e-3
+    g = rsst.calibrate_strength(end_step, lr0, target, schedule, exponents=4)
+    assert 0 < lr0 * g < 1  # never a full step: no weight zeroed or flipped in one step
+    assert rsst.pure_decay_ratio(end_step, lr0, g, schedule, 4) == pytest.approx(target, rel=1e-6)
+    weights, penalty = make_case()
+    weights = {n: w.double() for n, w in weights.items()}
+    penalty = {n: p.double() for n, p in penalty.items()}
+    pen = rsst.RSSTPenalty(weights, penalty, lr0, g, schedule, 4, end_step)
+    assert pure_decay(weights, penalty, pen, end_step) == pytest.approx(target, rel=1e-6)
+    assert pen.done and pen.last_lambda == pytest.approx(g)
+
+
+def test_calibrated_shrink_per_step_is_the_same_for_any_lr0():
+    """The calibrated penalty is a property of the schedule and step count, not of the optimizer."""
+    a = rsst.calibrate_strength(500, 1e-3, 1e-3, "exp_custom_exponents", 4)
+    b = rsst.calibrate_strength(500, 0.1, 1e-3, "exp_custom_exponents", 4)
+    assert a * 1e-3 == pytest.approx(b * 0.1, rel=1e-9)
+
+
+def test_penalty_does_nothing_after_its_end_step():
+    weights, penalty = make_case()
+    pen = rsst.RSSTPenalty(weights, penalty, 0.1, 1.0, "x", 4, end_step=4)
+    for _ in range(4):
+        pen.step()
+    after = {n: w.clone() for n, w in weights.items()}
+    assert pen.step() == 0.0 and pen.done and pen.step_count == 4
+    assert all(torch.equal(after[n], weights[n]) for n in weights)
+    assert pen.last_lambda == 1.0  # the peak reached, kept for the summary's final_lambda
+
+
+@pytest.mark.parametrize("reg_end, total, expected_end", [(0.5, 240, 120), (0.3, 10, 3), (0.7, 101, 71), (0.01, 20, 1),
+                                                          (1.0, 7, 7)])
+def test_plan_removes_at_reg_end_of_the_state(reg_end, total, expected_end):
+    plan = rsst.plan_penalty("calibrated", total, 0.1, 1.0, "exp_custom_exponents", 4, 1e-3, reg_end)
+    assert plan.end_step == expected_end
+    assert plan.predicted_ratio == pytest.approx(1e-3, rel=1e-6) and not plan.clamped
+
+
+def test_plan_multiplier_scales_the_calibrated_strength_and_clamps():
+    base = rsst.plan_penalty("calibrated", 200, 1e-3, 1.0, "x", 4)
+    double = rsst.plan_penalty("calibrated", 200, 1e-3, 2.0, "x", 4)
+    assert double.strength == pytest.approx(2 * base.strength)
+    assert double.predicted_ratio < base.predicted_ratio
+    huge = rsst.plan_penalty("calibrated", 200, 1e-3, 1e6, "x", 4)
+    assert huge.clamped and all(rsst.shrink_factors(100, 1e-3, huge.strength, "x", 4) <= rsst.MAX_SHRINK)
+
+
+@pytest.mark.parametrize("schedule", sorted(rsst.SCHEDULES))
+def test_raw_mode_reproduces_the_previous_lambda(schedule):
+    """--reg_mode raw: lambda(t) = g f((t+1)/T) over the whole state, removal at its end."""
+    total, g = 60, 1.5
+    plan = rsst.plan_penalty("raw", total, 1e-3, g, schedule, 4)
+    assert plan.end_step == total and plan.strength == g
+    weights, penalty = make_case()
+    pen = rsst.RSSTPenalty(weights, penalty, 1e-3, plan.strength, schedule, 4, plan.end_step)
+    lams = [pen.step() for _ in range(total)]
+    assert lams == [pytest.approx(expected_lambda(t, total, g, schedule, 4), rel=1e-12) for t in range(total)]
+    # the seed's CIFAR-100 ViT state: 28,080 steps at lr0 1e-3 keep ~1.2 % of the norm by pure decay
+    assert rsst.pure_decay_ratio(28080, 1e-3, 1.0, "exp_custom_exponents", 4) == pytest.approx(0.012, abs=0.002)

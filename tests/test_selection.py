@@ -19,7 +19,8 @@ def test_kth_smallest_equals_kthvalue(kind, k):
               "sample_misses": torch.randn(N, generator=g)}[kind]
     if kind == "sample_misses":  # every sampled entry is an outlier: the bracket misses, fallback
         values[::N // 65536] = -100.0
-    assert pu.kth_smallest(values, k) == torch.kthvalue(values, k).values
+    v, smaller = pu.kth_smallest(values, k)
+    assert v == torch.kthvalue(values, k).values and smaller == int((values < v).sum())
 
 
 def reference_prune(weights: dict, alive: dict, keep: int) -> dict:
@@ -45,4 +46,4 @@ def test_global_magnitude_prune_matches_sorted_reference_on_large_layers(quantiz
     new = pu.global_magnitude_prune(weights, alive, keep)
     assert pu.count_ones(new) == keep
     ref = reference_prune(weights, alive, keep)
-    assert all(torch.equal(new[n], ref[n]) for n in shapes)
+    assert all(new[n].dtype == torch.bool and torch.equal(new[n].float(), ref[n]) for n in shapes)

@@ -1,0 +1,128 @@
+"""Loaders: the epoch order, the CPU DataLoader, and batched augmentation of in-memory data.
+
+In-memory datasets (CIFAR, digits, synthetic) are augmented in whole batches by `DeviceLoader`,
+on the GPU (data resident there as uint8) or on the CPU: per-image random crop and flip in a few
+gather ops, TrivialAugment with one op per group of images. Folder datasets go through a
+DataLoader with workers and per-sample transforms. Either way an epoch's order and randomness
+come from (epoch seed, position, rank) alone, so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from dataset import Augment, DataSplits, ImageTensors, augment_for
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled indices from `set_epoch(seed)` alone, sharded over `world` ranks (equal shards),
+    optionally starting `start` samples into the rank's order (a resumed epoch)."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.n, self.rank, self.world = n, rank, world
+        self.seed, self.start = 0, 0
+
+    def set_epoch(self, seed: int, start: int = 0) -> None:
+        self.seed, self.start = seed, start
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
+        shard = perm[: self.n // self.world * self.world][self.rank::self.world]
+        return iter(shard[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.n // self.world - self.start
+
+
+def make_loader(ds: Dataset, batch_size: int, workers: int, sampler: Sampler | None = None,
+                drop_last: bool = False) -> DataLoader:
+    """A DataLoader in `sampler` order (sequential without one)."""
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def calibration_batches(ds: Dataset, batches: int, batch_size: int, seed: int) -> list:
+    """`batches` fixed batches of un-augmented training images for activation criteria."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds), generator=g)[: batches * batch_size].tolist()
+    out = []
+    for b in range(0, len(idx), batch_size):
+        items = [ds[i] for i in idx[b:b + batch_size]]
+        out.append((torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])))
+    return out
+
+
+# ------------------------------------------------------------------ GPU-resident loader
+def crop_flip_batch(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding `pad`) and horizontal flip of a uint8 batch [B, C, H, W], per
+    image, in a few whole-batch ops on x's device; offsets and flips are drawn from `g` (CPU)."""
+    b, c, h, w = x.shape
+    if pad:
+        xp = F.pad(x, (pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
+        ox = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
+        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * pad)
+        x = xp.gather(2, rows)
+        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, c, h, w)
+        x = x.gather(3, cols)
+    if flip:
+        mirror = (torch.rand(b, generator=g) < 0.5).to(x.device)[:, None, None, None]
+        x = torch.where(mirror, x.flip(3), x)
+    return x
+
+
+class DeviceLoader:
+    """Batches of an in-memory uint8 dataset kept on the device, augmented there as whole
+    batches (airbench-style): no worker processes, no host-to-device copies per step.
+
+    The order comes from `sampler` (so resume and sharding behave as with the DataLoader);
+    crop/flip randomness is seeded per (epoch seed, batch, rank), so ranks draw different
+    augmentations. TrivialAugment, when the recipe asks for it, is applied with one op per
+    group of `trivial_group` images.
+    """
+
+    def __init__(self, ds: "ImageTensors", aug: Augment, batch_size: int, device: torch.device,
+                 sampler: Sampler | None = None, drop_last: bool = False, trivial_group: int = 8,
+                 rank: int = 0):
+        self.images = ds.images.to(device)
+        self.labels = ds.labels.to(device)
+        self.ds, self.aug, self.batch_size, self.device = ds, aug, batch_size, device
+        self.sampler, self.drop_last, self.trivial_group, self.rank = sampler, drop_last, trivial_group, rank
+        self.mean = torch.tensor(aug.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(aug.std, device=device).view(1, 3, 1, 1) * 255
+        self.trivial = v2.TrivialAugmentWide() if aug.trivial else None
+
+    def __len__(self) -> int:
+        n = len(self.sampler) if self.sampler is not None else len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler) if self.sampler is not None else range(len(self.labels)))
+        start = getattr(self.sampler, "start", 0) // self.batch_size
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size].to(self.device)
+            seed = (self.ds.epoch_seed * 1_000_003 + start + b + self.rank * 0x9E3779B97F4A7C15) % (2 ** 63)
+            g = torch.Generator().manual_seed(seed)
+            x = crop_flip_batch(self.images[idx], self.aug.pad, self.aug.flip, g)
+            if self.trivial is not None:
+                with torch.random.fork_rng(devices=[]):  # TrivialAugment draws from the CPU generator
+                    torch.default_generator.manual_seed(seed)
+                    x = torch.cat([self.trivial(part) for part in x.split(self.trivial_group)])
+            yield (x.float() - self.mean) / self.std, self.labels[idx]
+
+
+def build_loaders(data: DataSplits, dataset: str, vit: bool, device: torch.device, sampler: Sampler,
+                  batch_size: int, eval_batch_size: int, workers: int, batched: bool = True,
+                  rank: int = 0) -> tuple:
+    """(train, val, test) loaders. In-memory data: `DeviceLoader`s on `device` (GPU-resident on
+    CUDA, batched on the CPU) unless `batched` is False; folder data: DataLoaders with workers."""
+    drop_last = len(sampler) >= 2 * batch_size
+    if batched and isinstance(data.train, ImageTensors):
+        aug, plain = augment_for(dataset, vit, True), augment_for(dataset, vit, False)
+        return (DeviceLoader(data.train, aug, batch_size, device, sampler, drop_last, rank=rank),
+                DeviceLoader(data.val, plain, eval_batch_size, device),
+                DeviceLoader(data.test, plain, eval_batch_size, device))
+    return (make_loader(data.train, batch_size, workers, sampler, drop_last),
+            make_loader(data.val, eval_batch_size, workers), make_loader(data.test, eval_batch_size, workers))
