@@ -1,0 +1,219 @@
+"""RSST (calibrated and raw) against Refill and unstructured IMP on `digits`, several seeds.
+
+Real data, CPU. Every run goes through the real CLI with `--threads 1`, `--jobs` at a time; a
+finished run is skipped and an unfinished one resumed, so the script can be stopped and rerun.
+State 0 (dense training) does not depend on the method, so per group and seed it is trained
+once, by the first method; the other methods start from a copy of that run's state 0 (its
+checkpoint with their own flags written into the saved config) and `--resume` from state 1.
+At the end it appends mean +- std of each state's ticket accuracy (and RSST's norm ratio and
+soft - hard gap at removal) to bench/RESULTS.md and draws compare.py pictures of seed 1.
+
+    python bench/bench_rsst.py [--groups res20s vit ablation] [--seeds 1 2 3] [--jobs 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import yaml
+
+from common import ROOT, record
+
+import main_imp_fillback as mif  # noqa: E402  (common puts the repository root on sys.path)
+
+COMMON = ["--dataset", "digits", "--batch_size", "64", "--threads", "1", "--wandb", "disabled"]
+GROUPS = {
+    "res20s": {
+        "flags": ["--arch", "res20s", "--rate", "0.2", "--pruning_times", "5", "--epochs", "15"],
+        "methods": {"IMP unstructured": ["--struct", "rsst", "--unstructured"],
+                    "Refill": ["--struct", "refill"],
+                    "RSST calibrated": ["--struct", "rsst"],
+                    "RSST raw": ["--struct", "rsst", "--reg_mode", "raw"]},
+    },
+    "vit": {
+        "flags": ["--arch", "vit_tiny", "--vit_structured", "--vit_prune_target", "both", "--rate", "0.3",
+                  "--pruning_times", "3", "--epochs", "30"],
+        "methods": {"Refill": ["--struct", "refill"],
+                    "RSST calibrated": ["--struct", "rsst"],
+                    "RSST raw": ["--struct", "rsst", "--reg_mode", "raw"]},
+    },
+    "ablation": {  # --reg_end on res20s RSST calibrated, seed 1 (0.5 is the res20s group's run)
+        "flags": ["--arch", "res20s", "--rate", "0.2", "--pruning_times", "5", "--epochs", "15"],
+        "methods": {"reg_end 0.3": ["--struct", "rsst", "--reg_end", "0.3"],
+                    "reg_end 0.7": ["--struct", "rsst", "--reg_end", "0.7"]},
+        "seeds": [1],
+        "base": "res20s",
+    },
+}
+
+
+def slug(name: str) -> str:
+    return name.lower().replace(" ", "_").replace(".", "")
+
+
+def run_dir(out: str, group: str, method: str, seed: int) -> str:
+    return os.path.join(out, group, f"{slug(method)}_seed{seed}")
+
+
+def runs_of(group: str, seeds: list[int], out: str) -> list[dict]:
+    """Every run of a group: method, seed, save dir, command, and the run whose state 0 it reuses."""
+    spec = GROUPS[group]
+    base_group = spec.get("base", group)
+    first = next(iter(GROUPS[base_group]["methods"]))
+    items = []
+    for name, flags in spec["methods"].items():
+        for seed in spec.get("seeds", seeds):
+            save = run_dir(out, group, name, seed)
+            cmd = ["main_imp_fillback.py", *spec["flags"], *flags, *COMMON, "--seed", str(seed), "--save_dir", save]
+            base = None if (group == base_group and name == first) else run_dir(out, base_group, first, seed)
+            items.append({"method": name, "seed": seed, "save": save, "cmd": cmd, "base": base})
+    return items
+
+
+def finished(save: str, states: int) -> bool:
+    try:
+        with open(os.path.join(save, "summary.json")) as f:
+            return len(json.load(f)) == states
+    except (OSError, ValueError):
+        return False
+
+
+def clone_state0(base: str, save: str, cmd: list[str]) -> None:
+    """Start `save` from the state-0 checkpoint of `base`, with this command's config."""
+    args = mif.parse_args(cmd[1:])
+    mif.resolve(args)
+    config = vars(args)
+    os.makedirs(save, exist_ok=True)
+    ck = torch.load(os.path.join(base, "0checkpoint.pth.tar"), map_location="cpu", weights_only=False)
+    ck["config"] = {**ck["config"], **{k: v for k, v in config.items() if k not in mif.RUNTIME_KEYS}}
+    ck["wandb_id"] = None
+    torch.save(ck, os.path.join(save, "0checkpoint.pth.tar"))
+    torch.save({"phase": "done", "state": 0, "file": "0checkpoint.pth.tar"}, os.path.join(save, "latest.pth.tar"))
+    for name in ("init.pth.tar", "0model_SA_best.pth.tar"):
+        shutil.copy(os.path.join(base, name), os.path.join(save, name))
+    with open(os.path.join(save, "args.yaml"), "w") as f:  # compare.py reads it
+        yaml.safe_dump({k: v for k, v in ck["config"].items() if k not in mif.RUNTIME_KEYS}, f, sort_keys=True)
+
+
+def launch(item: dict, log) -> subprocess.Popen:
+    save, cmd = item["save"], item["cmd"]
+    if not os.path.isfile(os.path.join(save, "latest.pth.tar")) and item["base"]:
+        clone_state0(item["base"], save, cmd)
+    if os.path.isfile(os.path.join(save, "latest.pth.tar")):
+        cmd = ["main_imp_fillback.py", "--resume", "--save_dir", save, "--threads", "1", "--wandb", "disabled"]
+    elif os.path.isdir(save):
+        cmd = cmd + ["--overwrite"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def ready(item: dict) -> bool:
+    return item["base"] is None or os.path.isfile(os.path.join(item["base"], "0checkpoint.pth.tar"))
+
+
+def run_all(items: list[dict], jobs: int, states_of: dict) -> dict[str, float]:
+    """Run the unfinished ones, `jobs` at a time (a clone once its base has state 0); returns
+    wall seconds per save dir."""
+    todo = [it for it in items if not finished(it["save"], states_of[it["save"]])]
+    running, walls = [], {}
+    while todo or running:
+        for item in [it for it in todo if ready(it)][: max(0, jobs - len(running))]:
+            todo.remove(item)
+            os.makedirs(os.path.dirname(item["save"]), exist_ok=True)
+            log = open(item["save"] + ".log", "a")
+            running.append((item["save"], launch(item, log), time.time(), log))
+            print(f"started {item['save']}", flush=True)
+        time.sleep(2)
+        for entry in list(running):
+            save, proc, t0, log = entry
+            if proc.poll() is not None:
+                running.remove(entry)
+                log.close()
+                walls[save] = time.time() - t0
+                print(f"finished {save}: exit {proc.returncode}, {walls[save]:.0f} s", flush=True)
+        if todo and not running and not any(ready(it) for it in todo):
+            raise SystemExit("a base run failed before its state 0: see its .log")
+    return walls
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(group: str, items: list, states: int) -> list[str]:
+    """Markdown: per method, mean +- std test accuracy of each state's ticket, remaining %, RSST diagnostics."""
+    head = "| method | seeds | " + " | ".join(f"state {k}" for k in range(states)) + \
+           " | max norm ratio at removal | max soft - hard |"
+    lines = [head, "|---|---|" + "---|" * (states + 2)]
+    by_method: dict[str, list[list[dict]]] = {}
+    for item in items:
+        name, save = item["method"], item["save"]
+        if finished(save, states):
+            with open(os.path.join(save, "summary.json")) as f:
+                by_method.setdefault(name, []).append(json.load(f))
+    for name, runs in by_method.items():
+        cells = []
+        for k in range(states):
+            accs = [r[k]["final_test_acc"] for r in runs]
+            remaining = statistics.mean(r[k]["remaining_weights"] for r in runs)
+            cells.append(f"{mean_std(accs)} ({remaining:.1f} %)")
+        ratios = [r[k]["penalized_norm_ratio"] for r in runs for k in range(1, states)
+                  if r[k].get("penalized_norm_ratio") is not None]
+        gaps = [r[k]["soft_test_acc"] - r[k]["hard_test_acc"] for r in runs for k in range(1, states)
+                if r[k].get("soft_test_acc") is not None]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) +
+                     f" | {max(ratios):.2g} | {max(gaps):+.2f} |" if ratios else
+                     f"| {name} | {len(runs)} | " + " | ".join(cells) + " | - | - |")
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_rsst"))
+    p.add_argument("--no_record", action="store_true", help="print the tables, do not append them to RESULTS.md")
+    a = p.parse_args()
+    items, states_of = [], {}
+    for group in a.groups:
+        states = int(GROUPS[group]["flags"][GROUPS[group]["flags"].index("--pruning_times") + 1])
+        for item in runs_of(group, a.seeds, a.out):
+            states_of[item["save"]] = states
+            items.append((group, item))
+    walls = run_all([it for _, it in items], a.jobs, states_of)
+    for group in a.groups:
+        group_items = [it for g, it in items if g == group]
+        states = states_of[group_items[0]["save"]]
+        lines = table(group, group_items, states)
+        wall = sum(walls.get(it["save"], 0.0) for it in group_items)
+        spec = GROUPS[group]
+        lines += ["", "Test accuracy (%) of each state's ticket, mean ± std over seeds (remaining prunable "
+                  "weights); RSST: largest penalized norm ratio and soft - hard gap at removal over states >= 1.",
+                  f"Flags: `{' '.join(spec['flags'] + COMMON)}` plus per method: " +
+                  "; ".join(f"{n}: `{' '.join(f) or '(none)'}`" for n, f in spec["methods"].items()) +
+                  f". Seeds {spec.get('seeds', a.seeds)}; state 0 trained once per seed and shared. "
+                  f"Job time of this invocation's runs: {wall / 60:.0f} min ({a.jobs} at a time)."]
+        print("\n".join(lines))
+        if not a.no_record:
+            record(f"RSST vs Refill on digits: {group}", "python bench/bench_rsst.py --groups " + group, lines)
+        seed1 = [it["save"] for it in group_items if it["seed"] == 1 and finished(it["save"], states)]
+        if len(seed1) > 1:
+            subprocess.run([sys.executable, "compare.py", *seed1, "--out", os.path.join("results", f"digits_{group}")],
+                           cwd=ROOT, check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
