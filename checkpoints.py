@@ -199,6 +199,38 @@ def open_run(args, given: set[str], runtime_keys: tuple, rank: int = 0) -> dict 
     return None
 
 
+def copy_state(model: torch.nn.Module) -> dict:
+    """A deep copy of every parameter and buffer (never aliases the live tensors)."""
+    return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+
+
+def init_weights(model: torch.nn.Module, args, resuming: bool, save: Callable) -> dict:
+    """Load theta_0 into `model` (--init, --pretrained for pt, --vit_pretrained, or the run's own
+    init.pth.tar when resuming; else the model's fresh init), write init.pth.tar through `save`,
+    and return the rewind point theta_r (--prune_type; rewind_lt's rewind.pth.tar on resume)."""
+    path = os.path.join(args.save_dir, "init.pth.tar")
+    source = args.pretrained if args.prune_type == "pt" else (args.init or (path if resuming else None))
+    if source:
+        try:
+            sd = torch.load(source, map_location="cpu", weights_only=True)
+            model.load_state_dict(sd.get("state_dict", sd))
+        except Exception as e:
+            raise UsageError(f"{source}: not a weights file for --arch {args.arch} ({type(e).__name__})") from None
+    elif args.vit_pretrained:
+        from models.vit import load_imagenet_weights
+        try:
+            load_imagenet_weights(model, args.arch)
+        except Exception as e:
+            raise UsageError(f"--vit_pretrained: cannot fetch timm ImageNet weights for {args.arch} "
+                             f"({type(e).__name__}); run without it or with network access") from None
+    if source != path:
+        save({"state_dict": model.state_dict(), "arch": args.arch}, "init.pth.tar")
+    rewind = os.path.join(args.save_dir, "rewind.pth.tar")
+    if args.prune_type == "rewind_lt" and resuming and os.path.isfile(rewind):
+        return torch.load(rewind, map_location="cpu", weights_only=True)["state_dict"]
+    return copy_state(model)
+
+
 def check_resume_processes(ck: dict, world: int, save_dir: str) -> None:
     """A resumed run uses the same number of processes (exit 2 otherwise); another thread count
     is allowed but breaks bit-exactness, which one warning line says."""

@@ -143,7 +143,7 @@ def _synthetic(n_train: int, num_classes: int = 10, size: int = 32):
     g = torch.Generator().manual_seed(SPLIT_SEED)
     templates = F.interpolate(torch.randn(num_classes, 3, 4, 4, generator=g), size=size,
                               mode="bilinear", align_corners=False)
-    sizes = (n_train, max(64, n_train // 4), max(64, n_train // 4))
+    sizes = (n_train, max(32, n_train // 4), max(32, n_train // 4))
     out = []
     for n in sizes:
         y = torch.arange(n) % num_classes
@@ -184,11 +184,11 @@ class _FileImages(SeededTransforms):
             return self._apply(i, im.convert("RGB")), label
 
 
-def load_splits(name: str, root: str, vit: bool, synthetic_size: int = 512) -> DataSplits:
+def load_splits(name: str, root: str, strong: bool, synthetic_size: int = 512) -> DataSplits:
     """The train / val / test splits of dataset `name` with the recipe's transforms."""
     if name not in DATASETS:
         raise DataError(f"--dataset {name!r} is unknown; choose from {', '.join(DATASETS)}")
-    tr, ev = build_transforms(name, vit, True), build_transforms(name, vit, False)
+    tr, ev = build_transforms(name, strong, True), build_transforms(name, strong, False)
     if name == "tiny_imagenet":
         train_set, test_samples = _tiny_imagenet(root)
         tr_idx, va_idx = _split(len(train_set.samples), 10000)

@@ -7,6 +7,7 @@ without those variables is the ordinary single-device run.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,32 @@ def init_distributed(device: str) -> Dist:
     return Dist(rank, world, local)
 
 
+def select_device(device: str, d: Dist, deterministic: bool = False) -> torch.device:
+    """`--device` resolved (auto: CUDA when present), each rank on its local GPU. `deterministic`
+    asks for deterministic kernels (bit-exact GPU resumes, slower)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and d.enabled:
+        return torch.device("cuda", d.local_rank)
+    return torch.device(device)
+
+
+def wrap_for_training(model: torch.nn.Module, d: Dist, device: torch.device, compile: bool) -> torch.nn.Module:
+    """The module the training step calls: DistributedDataParallel under torchrun, then
+    torch.compile when asked (backend from RSST_COMPILE_BACKEND, default inductor)."""
+    net = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    if compile:
+        net = torch.compile(net, backend=os.environ.get("RSST_COMPILE_BACKEND", "inductor"))
+    return net
+
+
 def all_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     """Sum of `t` over ranks (a copy; `t` itself on one process)."""
     if not d.enabled:
@@ -60,6 +87,17 @@ def broadcast_masks(masks: dict[str, torch.Tensor], d: Dist) -> None:
         if not m.is_contiguous() or 0 in m.stride():
             raise ValueError(f"mask {name} is not contiguous: cannot receive a broadcast in place")
         dist.broadcast(m.view(torch.uint8) if m.dtype == torch.bool else m, 0)
+
+
+@contextmanager
+def rank_zero_first(d: Dist):
+    """Rank 0 runs the block first (a download, a cache), the other ranks after it, so they never
+    write the same files at once."""
+    if d.enabled and not d.is_main:
+        dist.barrier()
+    yield
+    if d.enabled and d.is_main:
+        dist.barrier()
 
 
 def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:

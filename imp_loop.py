@@ -15,17 +15,18 @@ from dataclasses import dataclass
 import torch
 
 import pruning_utils as pu
-from checkpoints import (Interrupted, StopFlag, check_resume_processes, epoch_seed, read_checkpoint, rank_seed, rng_states, save_atomic,
-                         seed_all, set_rng_states)
+from checkpoints import (Interrupted, StopFlag, check_resume_processes, copy_state, epoch_seed, init_weights,
+                         rank_seed, read_checkpoint, rng_states, save_atomic, seed_all, set_rng_states)
 from dataset import load_splits
-from distributed import all_sum, any_rank, broadcast_masks, init_distributed, shutdown
-from errors import UsageError
+from distributed import (all_sum, any_rank, broadcast_masks, init_distributed, rank_zero_first, select_device,
+                         shutdown, wrap_for_training)
 from loaders import EpochSampler, build_loaders, calibration_batches
 from mask_plots import load_state_masks, plot_masks, unit_kinds
 from models import create_model, is_vit
-from reporting import Logger, plot_lambda, plot_state, plot_summary, state_row, write_summary
+from reporting import Logger, plot_state_progress, plot_summary, state_row, write_summary
 from rsst import RSSTPenalty, describe_plan, norm_penalty, plan_penalty
-from trainer import build_optimizer, build_scheduler, evaluate, parse_milestones, train_one_epoch
+from trainer import (amp_dtype, build_optimizer, build_scheduler, evaluate, grad_scaler, mixup_fn,
+                     parse_milestones, train_one_epoch)
 from vit_pruning_utils import head_report, vit_unit_groups
 
 
@@ -45,6 +46,9 @@ class Ticket:
         return cls(**{k: pu.masks_from_bool(saved[k], device) for k in ("hard", "imp", "target", "penalty")})
 
 
+STOP_CHECK_EVERY = 20  # optimizer steps between the ranks' checks for a signal
+
+
 # ------------------------------------------------------------------------------- run
 class IMPRun:
     """One IMP run: states of training, pruning, regrouping and rewinding."""
@@ -56,14 +60,17 @@ class IMPRun:
         self.dist = init_distributed(args.device)
         if resume_ck is not None:
             check_resume_processes(resume_ck, self.dist.world, args.save_dir)
-        self.device = self._device()
+        self.device = select_device(args.device, self.dist, args.deterministic)
         self.vit = is_vit(args.arch)
         seed_all(args.seed)
         strong = self.vit and args.augment == "recipe"  # TrivialAugment: the ViT recipe
-        self.data = load_splits(args.dataset, args.data, strong, args.synthetic_size)
+        with rank_zero_first(self.dist):  # one download, then every rank reads it
+            self.data = load_splits(args.dataset, args.data, strong, args.synthetic_size)
         self.model = create_model(args.arch, self.data.num_classes, self.data.img_size).to(self.device)
-        if self.device.type == "cuda" and not self.vit:  # faster convs under bf16 autocast
+        forced = os.environ.get("RSST_FORCE_GPU_PATHS") == "1"  # tests: a CUDA run's branches on the CPU
+        if (self.device.type == "cuda" or forced) and not self.vit:  # faster convs under autocast
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp = amp_dtype(args.amp, self.device, force_cpu=forced)
         self.weights = pu.prunable_weights(self.model)
         self.modules = dict(self.model.named_modules())
         self.groups = self._regroup_groups()
@@ -73,76 +80,26 @@ class IMPRun:
         self.train_batch = max(1, args.batch_size // self.dist.world)
         self.train_loader, self.val_loader, self.test_loader = build_loaders(
             self.data, args.dataset, strong, self.device, self.sampler, self.train_batch, 2 * args.batch_size,
-            args.workers, batched=not args.no_gpu_data, rank=self.dist.rank)
+            args.workers, batched=not args.no_gpu_data, rank=self.dist.rank, world=self.dist.world)
         self.steps_per_epoch = len(self.train_loader)
-        self.mixup = self._mixup()
+        self.mixup = mixup_fn(args.mixup, args.cutmix, args.label_smoothing, self.data.num_classes)
         self.rows: list[dict] = []
         self.global_step = 0
-        self._init_weights(resume_ck)
+        self.theta_r = init_weights(self.model, args, resume_ck is not None, self.save)
         ones = {n: m.to(self.device) for n, m in pu.ones_masks(self.model).items()}
         self.set_ticket(Ticket(ones, ones, ones, {n: torch.zeros_like(m) for n, m in ones.items()}))
-        self.net = self.model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-            self.net = DistributedDataParallel(self.model, device_ids=[self.dist.local_rank]
-                                               if self.device.type == "cuda" else None)
-        if args.compile:
-            self.net = torch.compile(self.net)
+        self.net = wrap_for_training(self.model, self.dist, self.device, args.compile)
         mode = args.wandb if self.dist.is_main else "disabled"
         self.logger = Logger(mode, args.wandb_project, args.exp_name, vars(args), args.save_dir,
                              (resume_ck or {}).get("wandb_id"))
 
     # ---- setup
-    def _device(self) -> torch.device:
-        dev = self.args.device
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-        if dev.startswith("cuda") and self.dist.enabled:
-            return torch.device("cuda", self.dist.local_rank)
-        return torch.device(dev)
-
     def _regroup_groups(self) -> list[pu.UnitGroup]:
         if self.args.unstructured:
             return []
         if self.vit:
             return vit_unit_groups(self.model, self.args.vit_prune_target) if self.args.vit_structured else []
         return pu.channel_groups(self.model)
-
-    def _mixup(self):
-        a = self.args
-        if a.mixup <= 0 and a.cutmix <= 0:
-            return None
-        from timm.data import Mixup
-        return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing,
-                     num_classes=self.data.num_classes)
-
-    def _init_weights(self, resume_ck: dict | None) -> None:
-        """theta_0 from --init / --pretrained / a new init.pth.tar; theta_r per --prune_type."""
-        a, path = self.args, os.path.join(self.args.save_dir, "init.pth.tar")
-        source = a.pretrained if a.prune_type == "pt" else (a.init or (path if resume_ck is not None else None))
-        if source:
-            try:
-                sd = torch.load(source, map_location="cpu", weights_only=True)
-                self.model.load_state_dict(sd.get("state_dict", sd))
-            except Exception as e:
-                raise UsageError(f"{source}: not a weights file for --arch {a.arch} ({type(e).__name__})") from None
-        elif a.vit_pretrained:
-            from models.vit import load_imagenet_weights
-            try:
-                load_imagenet_weights(self.model, a.arch)
-            except Exception as e:
-                raise UsageError(f"--vit_pretrained: cannot fetch timm ImageNet weights for {a.arch} "
-                                 f"({type(e).__name__}); run without it or with network access") from None
-        if source != path:
-            self.save({"state_dict": self.model.state_dict(), "arch": a.arch}, "init.pth.tar")
-        self.theta_r = self._copy_state()
-        rewind_path = os.path.join(a.save_dir, "rewind.pth.tar")
-        if a.prune_type == "rewind_lt" and os.path.isfile(rewind_path) and resume_ck is not None:
-            self.theta_r = torch.load(rewind_path, map_location="cpu", weights_only=True)["state_dict"]
-
-    def _copy_state(self) -> dict:
-        """A deep copy of every parameter and buffer (never aliases the live tensors)."""
-        return {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
 
     def save(self, obj: dict, name: str) -> None:
         """Write a file of the run (rank 0 only), atomically."""
@@ -244,7 +201,10 @@ class IMPRun:
                                       self.steps_per_epoch * a.epochs):
                 self.say(f"state {state:2d} {line}")
         log_every = max(1, pen.end_step // 200)
-        out = {"opt": opt, "sched": sched, "pen": pen, "st": st}
+        scaler = grad_scaler(self.amp)
+        if ck is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        out = {"opt": opt, "sched": sched, "pen": pen, "st": st, "scaler": scaler}
 
         def after_step() -> bool:
             if pen.active and not pen.done:
@@ -256,7 +216,7 @@ class IMPRun:
                     self._trace(state, pen, st)
                 if pen.done:
                     self._remove_penalized(state, pen, st)
-            return any_rank(self.stop.signum is not None, self.dist, self.device)
+            return self._should_stop()
 
         for epoch in range(start_epoch, a.epochs):
             t0 = time.time()
@@ -265,18 +225,35 @@ class IMPRun:
             self.data.train.epoch_seed = s
             self.sampler.set_epoch(s, partial["steps"] * self.train_batch if partial else 0)
             if partial:
-                set_rng_states(partial["rng"])
+                set_rng_states(partial["rng"], self.device)
             tr = train_one_epoch(self.net, self.train_loader, opt, sched, self.device, after_step,
                                  a.label_smoothing, self.mixup, f"state {state} epoch {epoch + 1}",
-                                 partial["totals"] if partial else None, lambda t: all_sum(t, self.dist))
+                                 partial["totals"] if partial else None, lambda t: all_sum(t, self.dist),
+                                 self.amp, out["scaler"])
             partial = None
             st["elapsed"] += time.time() - t0
             if tr["stopped"]:
                 self.save(self._payload(state, epoch, "train", out, {"steps": tr["totals"]["steps"],
-                          "totals": tr["totals"], "rng": rng_states()}), "latest.pth.tar")
+                          "totals": tr["totals"], "rng": rng_states(self.device)}), "latest.pth.tar")
                 raise Interrupted(self.stop.signum)
             self._end_epoch(state, epoch, tr, out)
+            if self.dist.enabled and epoch + 1 < a.epochs and any_rank(self.stop.signum is not None, self.dist,
+                                                                        self.device):
+                raise Interrupted(self.stop.signum)  # latest.pth.tar holds this epoch's end
         return out
+
+    def _should_stop(self) -> bool:
+        """A signal on any rank stops all of them at the same step: checked every step on one
+        process, every STOP_CHECK_EVERY steps across ranks (an all-reduce syncs the host)."""
+        if not self.dist.enabled:
+            return self.stop.signum is not None
+        if self.global_step % STOP_CHECK_EVERY:
+            return False
+        return any_rank(self.stop.signum is not None, self.dist, self.device)
+
+    def _evaluate(self, loader) -> dict:
+        """Loss and accuracy of the masked model on `loader`, each rank on its shard, summed."""
+        return evaluate(self.model, loader, self.device, self.amp, lambda t: all_sum(t, self.dist))
 
     def _trace(self, state: int, pen: RSSTPenalty, st: dict) -> None:
         ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
@@ -289,11 +266,11 @@ class IMPRun:
         """The end of the ramp: measure, zero P (mask <- R), measure again, train on under R."""
         a = self.args
         ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
-        soft = evaluate(self.model, self.test_loader, self.device)["acc"]
+        soft = self._evaluate(self.test_loader)["acc"]
         pen.remove()
         self.set_hard(self.ticket.target)
         self.apply_hard()
-        hard = evaluate(self.model, self.test_loader, self.device)["acc"]
+        hard = self._evaluate(self.test_loader)["acc"]
         self.model.train()
         st["removal"] = {"step": pen.step_count, "soft": soft, "hard": hard, "norm_ratio": ratio}
         left = self.steps_per_epoch * a.epochs - pen.step_count
@@ -307,8 +284,8 @@ class IMPRun:
     def _end_epoch(self, state: int, epoch: int, tr: dict, out: dict) -> None:
         """Evaluate, log, keep the best-val checkpoint of the state's final mask, write latest."""
         a, st, pen = self.args, out["st"], out["pen"]
-        va = evaluate(self.model, self.val_loader, self.device)
-        te = evaluate(self.model, self.test_loader, self.device)
+        va = self._evaluate(self.val_loader)
+        te = self._evaluate(self.test_loader)
         row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                "val_acc": va["acc"], "test_loss": te["loss"], "test_acc": te["acc"], "lr": tr["lr"],
                "reg_lambda": pen.last_lambda if pen.active and not st["removal"] else 0.0}
@@ -323,7 +300,7 @@ class IMPRun:
         self.logger.log({"global_step": self.global_step, "state": state, "epoch": epoch + 1,
                          **{k: v for k, v in row.items() if k != "epoch"}})
         if a.prune_type == "rewind_lt" and state == 0 and epoch + 1 == a.rewind_epoch:
-            self.theta_r = self._copy_state()
+            self.theta_r = copy_state(self.model)
             self.save({"state_dict": self.theta_r}, "rewind.pth.tar")
         self.save(self._payload(state, epoch + 1, "train", out), "latest.pth.tar")
 
@@ -347,31 +324,24 @@ class IMPRun:
             print(f"rank {self.dist.rank} state {state} mask digest {digest:.1f}", flush=True)
 
     def _write_reports(self, state: int, st: dict) -> None:
-        """summary.csv/json, the state's curves and lambda plots, summary.png, masks.png."""
+        """summary.csv/json and summary.png, the state's curves (and lambda) plots, masks.png."""
         a = self.args
         write_summary(a.save_dir, self.rows)
-        plot_state(os.path.join(a.save_dir, f"{state}_curves.png"), st["history"], f"{a.exp_name}: state {state}")
-        tr = st["trace"]
-        if tr["step"]:
-            plot_lambda(os.path.join(a.save_dir, f"{state}_lambda.png"), tr["step"], tr["lambda"], tr["norm"],
-                        f"RSST state {state}: {a.RST_schedule} ({a.reg_mode})", (st.get("removal") or {}).get("step"))
+        plot_state_progress(a.save_dir, state, st, a.exp_name, f"{a.RST_schedule} ({a.reg_mode})")
         plot_summary(os.path.join(a.save_dir, "summary.png"), self.rows, a.exp_name)
         plot_masks(os.path.join(a.save_dir, "masks.png"), a.exp_name, self.state_masks, self.report)
 
     def _rebuild_reports(self) -> None:
         """After a resume: rewrite what a kill may have cut short (summary rows, plots) from the
         state checkpoints, so a finished run always has every state's row and plots."""
-        if not self.dist.is_main or not self.rows:
-            return
-        for s in range(len(self.rows) - 1):
-            if not os.path.isfile(os.path.join(self.args.save_dir, f"{s}_curves.png")):
-                ck = read_checkpoint(os.path.join(self.args.save_dir, f"{s}checkpoint.pth.tar"))
+        a = self.args
+        for s in range(len(self.rows) if self.dist.is_main else 0):
+            last = s == len(self.rows) - 1
+            if last or not os.path.isfile(os.path.join(a.save_dir, f"{s}_curves.png")):
+                ck = read_checkpoint(os.path.join(a.save_dir, f"{s}checkpoint.pth.tar"))
                 if ck is not None:
-                    self._write_reports(s, ck["state_progress"])
-        last = len(self.rows) - 1
-        ck = read_checkpoint(os.path.join(self.args.save_dir, f"{last}checkpoint.pth.tar"))
-        if ck is not None:
-            self._write_reports(last, ck["state_progress"])
+                    self._write_reports(s, ck["state_progress"]) if last else \
+                        plot_state_progress(a.save_dir, s, ck["state_progress"], a.exp_name, a.RST_schedule)
 
     def _payload(self, state: int, epoch: int, phase: str, out: dict, partial: dict | None = None,
                  slim: bool = False) -> dict:
@@ -386,6 +356,7 @@ class IMPRun:
         ck.update(masks=masks, mask=masks["hard"])  # one tensor, stored once
         return {**ck, "partial": partial, "optimizer": out["opt"].state_dict(), "scheduler": out["sched"].state_dict(),
                 "rsst_step": out["pen"].step_count, "rsst_lambda": out["pen"].last_lambda,
+                "scaler": out["scaler"].state_dict() if out["scaler"].is_enabled() else None,
                 "state_progress": out["st"], "rows": list(self.rows), "global_step": self.global_step,
                 "wandb_id": self.logger.run_id}
 

@@ -36,6 +36,20 @@ class EpochSampler(Sampler[int]):
         return self.n // self.world - self.start
 
 
+class ShardSampler(Sampler[int]):
+    """Evaluation order: rank r of `world` reads samples r, r + world, ... (every sample once
+    over all ranks, no padding), so summed metrics are exactly those of the whole set."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def make_loader(ds: Dataset, batch_size: int, workers: int, sampler: Sampler | None = None,
                 drop_last: bool = False) -> DataLoader:
     """A DataLoader in `sampler` order (sequential without one)."""
@@ -113,16 +127,19 @@ class DeviceLoader:
             yield (x.float() - self.mean) / self.std, self.labels[idx]
 
 
-def build_loaders(data: DataSplits, dataset: str, vit: bool, device: torch.device, sampler: Sampler,
+def build_loaders(data: DataSplits, dataset: str, strong: bool, device: torch.device, sampler: Sampler,
                   batch_size: int, eval_batch_size: int, workers: int, batched: bool = True,
-                  rank: int = 0) -> tuple:
+                  rank: int = 0, world: int = 1) -> tuple:
     """(train, val, test) loaders. In-memory data: `DeviceLoader`s on `device` (GPU-resident on
-    CUDA, batched on the CPU) unless `batched` is False; folder data: DataLoaders with workers."""
+    CUDA, batched on the CPU) unless `batched` is False; folder data: DataLoaders with workers.
+    Each rank evaluates its shard of val and test (`ShardSampler`)."""
     drop_last = len(sampler) >= 2 * batch_size
+    shard = lambda ds: ShardSampler(len(ds), rank, world)
     if batched and isinstance(data.train, ImageTensors):
-        aug, plain = augment_for(dataset, vit, True), augment_for(dataset, vit, False)
+        aug, plain = augment_for(dataset, strong, True), augment_for(dataset, strong, False)
         return (DeviceLoader(data.train, aug, batch_size, device, sampler, drop_last, rank=rank),
-                DeviceLoader(data.val, plain, eval_batch_size, device),
-                DeviceLoader(data.test, plain, eval_batch_size, device))
+                DeviceLoader(data.val, plain, eval_batch_size, device, shard(data.val)),
+                DeviceLoader(data.test, plain, eval_batch_size, device, shard(data.test)))
     return (make_loader(data.train, batch_size, workers, sampler, drop_last),
-            make_loader(data.val, eval_batch_size, workers), make_loader(data.test, eval_batch_size, workers))
+            make_loader(data.val, eval_batch_size, workers, shard(data.val)),
+            make_loader(data.test, eval_batch_size, workers, shard(data.test)))

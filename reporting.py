@@ -116,6 +116,15 @@ def plot_lambda(path: str, steps: list[int], lambdas: list[float], norms: list[f
     plt.close(fig)
 
 
+def plot_state_progress(save_dir: str, state: int, progress: dict, run_name: str, schedule: str) -> None:
+    """`{state}_curves.png` and, when the state had an RSST penalty, `{state}_lambda.png`."""
+    plot_state(os.path.join(save_dir, f"{state}_curves.png"), progress["history"], f"{run_name}: state {state}")
+    trace = progress["trace"]
+    if trace["step"]:
+        plot_lambda(os.path.join(save_dir, f"{state}_lambda.png"), trace["step"], trace["lambda"], trace["norm"],
+                    f"RSST state {state}: {schedule}", (progress.get("removal") or {}).get("step"))
+
+
 def plot_summary(path: str, rows: list[dict], title: str) -> None:
     """Test accuracy against remaining prunable weights over the states (log x, plain tick labels)."""
     plt = pyplot()

@@ -38,6 +38,14 @@ def fill_recipe(args, vit: bool) -> None:
         args.warmup = float(min(args.warmup, args.epochs // 8))
 
 
+def mixup_fn(mixup: float, cutmix: float, label_smoothing: float, num_classes: int):
+    """timm's Mixup/CutMix (soft, label-smoothed targets), or None when both are off."""
+    if mixup <= 0 and cutmix <= 0:
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
+
+
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or Inf loss."""
 
@@ -84,19 +92,40 @@ def build_scheduler(optimizer, steps_per_epoch: int, epochs: int, warmup_epochs:
         optimizer, lambda s: lr_factor(s, total, warmup, schedule, milestones))
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def amp_dtype(mode: str, device: torch.device, force_cpu: bool = False) -> torch.dtype | None:
+    """The autocast dtype of `--amp` on `device` (None: fp32). auto: bf16 where the GPU supports
+    it, else fp16 (with loss scaling: see `grad_scaler`); on the CPU fp32, or bf16 when the GPU
+    code paths are forced (tests)."""
+    if mode == "off":
+        return None
+    if device.type != "cuda":
+        return torch.bfloat16 if force_cpu else None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def grad_scaler(dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast; a disabled (pass-through) scaler otherwise."""
+    return torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, device: torch.device,
                     after_step: Callable[[], bool], label_smoothing: float = 0.0, mixup_fn=None,
-                    desc: str = "", totals: dict | None = None, reduce: Callable = lambda t: t) -> dict:
+                    desc: str = "", totals: dict | None = None, reduce: Callable = lambda t: t,
+                    amp: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None) -> dict:
     """One epoch (or the rest of one: `totals` carries the sums of its finished steps).
 
     `after_step` runs after every optimizer step (RSST penalty, mask re-apply) and returns True
     to stop early (a signal): the result then has "stopped" set and the partial sums.
-    `reduce` sums the loss/accuracy tensors over ranks (identity on one process).
+    `reduce` sums the loss/accuracy tensors over ranks (identity on one process). `amp` is the
+    autocast dtype (None: fp32); `scaler` scales fp16 losses.
     """
+    scaler = scaler or grad_scaler(None)
     model.train()
     totals = dict(totals or {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "steps": 0})
     loss_sum = torch.zeros((), device=device)
@@ -107,15 +136,16 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, device: torc
         target = y
         if mixup_fn is not None and len(y) % 2 == 0:
             x, target = mixup_fn(x, y)
-        with _autocast(device):
+        with _autocast(device, amp):
             out = model(x)
         if target.dim() == 2:  # soft targets from mixup/cutmix (already label-smoothed)
             loss = torch.sum(-target * F.log_softmax(out.float(), dim=-1), dim=-1).mean()
         else:
             loss = F.cross_entropy(out.float(), target, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         loss_sum += loss.detach() * len(y)
@@ -135,17 +165,20 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, device: torc
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
-    """Mean cross-entropy and top-1 accuracy (%) on `loader`."""
+def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None = None,
+             reduce: Callable = lambda t: t) -> dict:
+    """Mean cross-entropy and top-1 accuracy (%) on `loader` (this rank's shard; `reduce` sums
+    the shards of all ranks)."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     seen = 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device):
+        with _autocast(device, amp):
             out = model(x)
         loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
         seen += len(y)
-    return {"loss": float(loss_sum) / max(1, seen), "acc": 100.0 * float(correct) / max(1, seen)}
+    sums = reduce(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)]))
+    return {"loss": float(sums[0]) / max(1.0, float(sums[2])), "acc": 100.0 * float(sums[1]) / max(1.0, float(sums[2]))}

@@ -39,7 +39,7 @@ GROUPS = {
     },
     "vit": {
         "flags": ["--arch", "vit_tiny", "--vit_structured", "--vit_prune_target", "both", "--rate", "0.3",
-                  "--pruning_times", "3", "--epochs", "30"],
+                  "--pruning_times", "3", "--epochs", "30", "--augment", "light"],
         "methods": {"Refill": ["--struct", "refill"],
                     "RSST calibrated": ["--struct", "rsst"],
                     "RSST raw": ["--struct", "rsst", "--reg_mode", "raw"]},

@@ -12,6 +12,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocess runs: tiny models, n
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests need CUDA: skipped (with the reason) without it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def run_main(tmp_path, capsys):
     """Run main_imp_fillback.main in-process with small defaults; returns (rc, save_dir, stderr)."""
@@ -20,7 +30,7 @@ def run_main(tmp_path, capsys):
     def _run(*flags, save_dir=None, small=True):
         save_dir = str(save_dir or tmp_path / "run")
         argv = ["--dataset", "synthetic", "--synthetic_size", "96", "--batch_size", "32"] if small else []
-        argv += list(flags) + ["--save_dir", save_dir, "--wandb", "disabled"]  # later flags win
+        argv += list(flags) + ["--save_dir", save_dir, "--wandb", "disabled", "--device", "cpu"]  # later flags win
         rc = main(argv)
         return rc, save_dir, capsys.readouterr().err
     return _run

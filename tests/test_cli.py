@@ -33,7 +33,7 @@ def same_masks(a, b):
 
 def make_run(*argv):
     """An IMPRun built the way the CLI builds one (parse, validate, resolve), without running it."""
-    args = mif.parse_args(list(argv) + ["--wandb", "disabled"])
+    args = mif.parse_args(list(argv) + ["--wandb", "disabled", "--device", "cpu"])
     mif.validate(args)
     mif.resolve(args)
     os.makedirs(args.save_dir, exist_ok=True)

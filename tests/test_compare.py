@@ -20,7 +20,7 @@ from models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--arch", "vit_tiny", "--dataset", "synthetic", "--synthetic_size", "64", "--batch_size", "32",
-         "--epochs", "1", "--pruning_times", "2", "--wandb", "disabled"]
+         "--epochs", "1", "--pruning_times", "2", "--wandb", "disabled", "--device", "cpu"]
 KINDS = {
     "unstructured": [],
     "refill": ["--struct", "refill", "--vit_structured", "--vit_prune_target", "both", "--rate", "0.3"],

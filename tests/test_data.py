@@ -7,19 +7,19 @@ import loaders as L
 
 
 def test_digits_is_a_fixed_stratified_split_of_32x32_rgb():
-    s = D.load_splits("digits", "unused", vit=False)
+    s = D.load_splits("digits", "unused", strong=False)
     sizes = [len(s.train), len(s.val), len(s.test)]
     assert sum(sizes) == 1797 and sizes[1] == sizes[2] == 360
     assert s.train.images.shape[1:] == (3, 32, 32) and s.train.images.dtype == torch.uint8
     for part in (s.train, s.val, s.test):
         counts = torch.bincount(part.labels, minlength=10).float()
         assert counts.min() / counts.max() > 0.9  # every class in every split, in proportion
-    again = D.load_splits("digits", "unused", vit=False)
+    again = D.load_splits("digits", "unused", strong=False)
     assert torch.equal(s.test.labels, again.test.labels) and torch.equal(s.test.images, again.test.images)
 
 
 def test_per_sample_augmentation_depends_only_on_epoch_seed_and_index():
-    s = D.load_splits("digits", "unused", vit=True)
+    s = D.load_splits("digits", "unused", strong=True)
     s.train.epoch_seed = 5
     a = s.train[3][0]
     torch.manual_seed(123)  # the global RNG does not matter

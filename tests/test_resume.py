@@ -2,7 +2,6 @@
 unreadable checkpoints are skipped; torchrun with gloo keeps ranks identical."""
 import csv
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,7 +12,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-SMALL = ["--dataset", "synthetic", "--synthetic_size", "96", "--batch_size", "32", "--wandb", "disabled"]
+SMALL = ["--dataset", "synthetic", "--synthetic_size", "96", "--batch_size", "32", "--wandb", "disabled",
+         "--device", "cpu", "--threads", "1"]
 RUNS = {
     "res20s": ["--arch", "res20s", "--struct", "rsst", "--pruning_times", "3", "--epochs", "2"],
     "vit_tiny": ["--arch", "vit_tiny", "--struct", "rsst", "--vit_structured", "--criteria", "l1",
@@ -106,20 +106,3 @@ def test_no_readable_checkpoint_exits_2(tmp_path):
     rc, _, err = run("--resume", save_dir=tmp_path)
     assert rc == 2 and "nothing to resume" in err and "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("error:")] == [err.splitlines()[-1]]
-
-
-def test_torchrun_two_ranks_gloo_identical_masks_rank0_writes(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "main_imp_fillback.py"), "--arch", "vit_tiny", "--struct", "rsst", "--vit_structured",
-           "--pruning_times", "2", "--epochs", "1", "--device", "cpu", *SMALL, "--save_dir", str(tmp_path)]
-    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    digests = dict(re.findall(r"rank (\d) state 1 mask digest (\S+)", p.stdout))
-    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
-    assert len(re.findall(r"== state 1 done", p.stdout)) == 1  # only rank 0 reports
-    files = sorted(os.listdir(tmp_path))
-    assert not [f for f in files if f.endswith(".tmp")]
-    with open(os.path.join(tmp_path, "summary.csv")) as f:
-        assert len(f.read().strip().splitlines()) == 3
-    ck = torch.load(os.path.join(tmp_path, "1checkpoint.pth.tar"), map_location="cpu", weights_only=False)
-    assert ck["config"]["struct"] == "rsst" and ck["masks"]["penalty"]
