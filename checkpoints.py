@@ -205,24 +205,31 @@ def copy_state(model: torch.nn.Module) -> dict:
 
 
 def init_weights(model: torch.nn.Module, args, resuming: bool, save: Callable) -> dict:
-    """Load theta_0 into `model` (--init, --pretrained for pt, --vit_pretrained, or the run's own
-    init.pth.tar when resuming; else the model's fresh init), write init.pth.tar through `save`,
-    and return the rewind point theta_r (--prune_type; rewind_lt's rewind.pth.tar on resume)."""
+    """Load theta_0 into `model` (--init, --pretrained for pt, --pretrained_file, --vit_pretrained,
+    or the run's own init.pth.tar when resuming; else the model's fresh init), write init.pth.tar
+    through `save`, and return the rewind point theta_r (--prune_type; rewind_lt's rewind.pth.tar
+    on resume)."""
     path = os.path.join(args.save_dir, "init.pth.tar")
-    source = args.pretrained if args.prune_type == "pt" else (args.init or (path if resuming else None))
+    pt_file = args.pretrained if args.prune_type == "pt" else None  # --pretrained_file: loaded below
+    source = pt_file or args.init or (path if resuming else None)
     if source:
         try:
             sd = torch.load(source, map_location="cpu", weights_only=True)
             model.load_state_dict(sd.get("state_dict", sd))
         except Exception as e:
             raise UsageError(f"{source}: not a weights file for --arch {args.arch} ({type(e).__name__})") from None
-    elif args.vit_pretrained:
-        from models.vit import load_imagenet_weights
+    elif args.pretrained_file or args.vit_pretrained:
+        from models.weights import load_pretrained
+        flag = f"--pretrained_file {args.pretrained_file}" if args.pretrained_file else "--vit_pretrained"
         try:
-            load_imagenet_weights(model, args.arch)
-        except Exception as e:
+            notes = load_pretrained(model, args.arch, args.pretrained_file)
+        except ValueError as e:  # the weights do not fit --arch
+            raise UsageError(f"{flag}: does not fit --arch {args.arch}: {e}") from None
+        except Exception as e:  # the hub cannot be reached
             raise UsageError(f"--vit_pretrained: cannot fetch timm ImageNet weights for {args.arch} "
                              f"({type(e).__name__}); run without it or with network access") from None
+        for line in notes:
+            print(f"{flag}: {line}", flush=True)
     if source != path:
         save({"state_dict": model.state_dict(), "arch": args.arch}, "init.pth.tar")
     rewind = os.path.join(args.save_dir, "rewind.pth.tar")

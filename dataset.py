@@ -4,7 +4,8 @@ cifar10 / cifar100: train 45k / val 5k held out from train (fixed split) / test 
 set is never used to pick a model. tiny_imagenet: read from `DATA/tiny-imagenet-200` (train
 90k / val 10k held out / the official val set as test). digits: scikit-learn's bundled 8x8
 handwritten digits (a real dataset, no download) upscaled to 32x32x3, fixed stratified split
-60/20/20. synthetic: small, learnable class templates plus noise, for tests.
+60/20/20. synthetic: small, learnable class templates plus noise, for tests. imagenet / folder:
+image folders on disk (train/ val/ [test/]), read per sample; see folder_data.py.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from errors import DataError
+from folder_data import DEFAULT_IMG_SIZE, FileList, folder_transforms, read_image, scan_folder
 
-DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "tiny_imagenet")
+DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "tiny_imagenet", "imagenet", "folder")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10, "synthetic": 10, "tiny_imagenet": 200}
 IMG_SIZE = {"cifar10": 32, "cifar100": 32, "digits": 32, "synthetic": 32, "tiny_imagenet": 64}
 MEAN_STD = {
@@ -31,8 +33,19 @@ SPLIT_SEED = 0  # the train/val split is fixed, independent of --seed
 
 class SeededTransforms(Dataset):
     """Base of our datasets: sample i's random augmentation is seeded by (epoch_seed, i), so an
-    epoch's data is the same whichever worker loads it and wherever a run resumes."""
-    epoch_seed = 0
+    epoch's data is the same whichever worker loads it and wherever a run resumes. The epoch
+    seed lives in shared memory: persistent DataLoader workers see each new epoch's seed."""
+
+    def __init__(self):
+        self._seed = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch_seed(self) -> int:
+        return int(self._seed)
+
+    @epoch_seed.setter
+    def epoch_seed(self, value: int) -> None:
+        self._seed.fill_(value)
 
     def _apply(self, i: int, img):
         with torch.random.fork_rng(devices=[]):  # the CPU generator only: CUDA streams stay untouched
@@ -44,6 +57,7 @@ class ImageTensors(SeededTransforms):
     """uint8 images [N, 3, H, W] with labels, transformed per sample."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        super().__init__()
         self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self) -> int:
@@ -167,34 +181,44 @@ def _tiny_imagenet(root: str):
     with open(ann) as f:
         rows = [line.split("\t")[:2] for line in f if line.strip()]
     test = [(os.path.join(val_dir, "images", name), train.class_to_idx[wnid]) for name, wnid in rows]
-    return train, test
+    return FileList.from_samples(train_dir, train.samples), FileList.from_samples(val_dir, test)
 
 
-class _FileImages(SeededTransforms):
-    def __init__(self, samples, transform):
-        self.samples, self.transform = samples, transform
+class FileImages(SeededTransforms):
+    """Images read from disk per sample: decoded and transformed in the loader's workers."""
+
+    def __init__(self, files: FileList, transform):
+        super().__init__()
+        self.files, self.transform = files, transform
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.files)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-        path, label = self.samples[i]
-        with Image.open(path) as im:
-            return self._apply(i, im.convert("RGB")), label
+        return self._apply(i, read_image(self.files.path(i))), int(self.files.labels[i])
 
 
-def load_splits(name: str, root: str, strong: bool, synthetic_size: int = 512) -> DataSplits:
-    """The train / val / test splits of dataset `name` with the recipe's transforms."""
+def _image_folder(name: str, root: str, strong: bool, img_size: int, norm: tuple | None) -> DataSplits:
+    classes, train, val, test = scan_folder(name, root)
+    tr, ev = (folder_transforms(img_size, strong, t, norm) for t in (True, False))
+    return DataSplits(FileImages(train, tr), FileImages(train, ev), FileImages(val, ev), FileImages(test, ev),
+                      len(classes), img_size)
+
+
+def load_splits(name: str, root: str, strong: bool, synthetic_size: int = 512, img_size: int | None = None,
+                norm: tuple | None = None) -> DataSplits:
+    """The train / val / test splits of dataset `name` with the recipe's transforms. Image
+    folders (imagenet, folder) take `img_size` (default 224) and `norm` = (mean, std)."""
     if name not in DATASETS:
         raise DataError(f"--dataset {name!r} is unknown; choose from {', '.join(DATASETS)}")
+    if name in ("imagenet", "folder"):
+        return _image_folder(name, root, strong, img_size or DEFAULT_IMG_SIZE, norm)
     tr, ev = build_transforms(name, strong, True), build_transforms(name, strong, False)
     if name == "tiny_imagenet":
-        train_set, test_samples = _tiny_imagenet(root)
-        tr_idx, va_idx = _split(len(train_set.samples), 10000)
-        pick = lambda idx: [train_set.samples[i] for i in idx.tolist()]
-        return DataSplits(_FileImages(pick(tr_idx), tr), _FileImages(pick(tr_idx), ev),
-                          _FileImages(pick(va_idx), ev), _FileImages(test_samples, ev), 200, 64)
+        train, test = _tiny_imagenet(root)
+        tr_idx, va_idx = (i.numpy() for i in _split(len(train), 10000))
+        return DataSplits(FileImages(train.subset(tr_idx), tr), FileImages(train.subset(tr_idx), ev),
+                          FileImages(train.subset(va_idx), ev), FileImages(test, ev), 200, 64)
     if name in ("cifar10", "cifar100"):
         xtr, ytr, xte, yte, n_val = _cifar(name, root)
         tr_idx, va_idx = _split(len(ytr), n_val)

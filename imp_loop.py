@@ -20,9 +20,10 @@ from checkpoints import (Interrupted, StopFlag, check_resume_processes, copy_sta
 from dataset import load_splits
 from distributed import (all_sum, any_rank, broadcast_masks, init_distributed, rank_zero_first, select_device,
                          shutdown, wrap_for_training)
+from errors import UsageError
 from loaders import EpochSampler, build_loaders, calibration_batches
 from mask_plots import load_state_masks, plot_masks, unit_kinds
-from models import create_model, is_vit
+from models import create_model, input_norm, is_vit
 from reporting import Logger, plot_state_progress, plot_summary, state_row, write_summary
 from rsst import RSSTPenalty, describe_plan, norm_penalty, plan_penalty
 from trainer import (amp_dtype, build_optimizer, build_scheduler, evaluate, grad_scaler, mixup_fn,
@@ -64,9 +65,16 @@ class IMPRun:
         self.vit = is_vit(args.arch)
         seed_all(args.seed)
         strong = self.vit and args.augment == "recipe"  # TrivialAugment: the ViT recipe
+        try:  # a timm:NAME unknown to timm stops here, before the data loads
+            norm = input_norm(args.arch)  # (mean, std) of its timm weights, for image folders
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         with rank_zero_first(self.dist):  # one download, then every rank reads it
-            self.data = load_splits(args.dataset, args.data, strong, args.synthetic_size)
-        self.model = create_model(args.arch, self.data.num_classes, self.data.img_size).to(self.device)
+            self.data = load_splits(args.dataset, args.data, strong, args.synthetic_size, args.img_size, norm)
+        try:
+            self.model = create_model(args.arch, self.data.num_classes, self.data.img_size).to(self.device)
+        except ValueError as e:  # an arch the ViT regroup cannot handle
+            raise UsageError(str(e)) from None
         forced = os.environ.get("RSST_FORCE_GPU_PATHS") == "1"  # tests: a CUDA run's branches on the CPU
         if (self.device.type == "cuda" or forced) and not self.vit:  # faster convs under autocast
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -79,7 +87,8 @@ class IMPRun:
         self.sampler = EpochSampler(len(self.data.train), self.dist.rank, self.dist.world)
         self.train_batch = max(1, args.batch_size // self.dist.world)
         self.train_loader, self.val_loader, self.test_loader = build_loaders(
-            self.data, args.dataset, strong, self.device, self.sampler, self.train_batch, 2 * args.batch_size,
+            self.data, args.dataset, strong, self.device, self.sampler, self.train_batch,
+            args.eval_batch_size or 2 * args.batch_size,
             args.workers, batched=not args.no_gpu_data, rank=self.dist.rank, world=self.dist.world)
         self.steps_per_epoch = len(self.train_loader)
         self.mixup = mixup_fn(args.mixup, args.cutmix, args.label_smoothing, self.data.num_classes)

@@ -52,9 +52,10 @@ class ShardSampler(Sampler[int]):
 
 def make_loader(ds: Dataset, batch_size: int, workers: int, sampler: Sampler | None = None,
                 drop_last: bool = False) -> DataLoader:
-    """A DataLoader in `sampler` order (sequential without one)."""
+    """A DataLoader in `sampler` order (sequential without one). Workers persist across epochs:
+    our datasets read the epoch seed from shared memory (dataset.SeededTransforms)."""
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
 
 def calibration_batches(ds: Dataset, batches: int, batch_size: int, seed: int) -> list:

@@ -20,11 +20,11 @@ import sys
 import yaml
 
 from errors import UsageError
-from models import MODEL_NAMES, is_vit
+from models import ARCH_CHOICES, is_vit
 
 # The choices of the command line, kept here so a typo is reported before torch loads;
 # tests/test_cli.py checks them against the implementations (dataset, pruning_utils, rsst).
-DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "tiny_imagenet")
+DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "tiny_imagenet", "imagenet", "folder")
 CRITERIA = ("l1", "l2", "magnitude", "remain", "saliency")
 SCHEDULES = ("exp", "exp_custom", "exp_custom_exponents", "x", "x^2", "x^3")
 VIT_TARGETS = ("head", "mlp", "both")
@@ -64,14 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=128, help="batch size (global, split over ranks)")
     g.add_argument("--workers", type=int, default=None, help="loader workers (default: 0 for in-memory data, else min(4, cpus))")
     g.add_argument("--synthetic_size", type=int, default=512, help="training images of --dataset synthetic")
+    g.add_argument("--img_size", type=int, default=None, help="input size of imagenet/folder data (default: 224)")
+    g.add_argument("--eval_batch_size", type=int, default=None, help="evaluation batch size (default: 2 x --batch_size)")
     g.add_argument("--augment", default="recipe", choices=["recipe", "light"],
                    help="recipe: the family's augmentation (ViT: TrivialAugment, mixup, cutmix); light: crop and flip only")
     g.add_argument("--no_gpu_data", action="store_true",
                    help="per-sample DataLoader instead of batched augmentation of in-memory data (GPU or CPU)")
     g = p.add_argument_group("Model")
-    g.add_argument("--arch", default="res20s", choices=MODEL_NAMES, help="model")
+    g.add_argument("--arch", default="res20s", choices=ARCH_CHOICES, help="model (timm:NAME: a timm ViT)")
     g.add_argument("--init", default=None, help="init weights file (default: create init.pth.tar in the save dir)")
     g.add_argument("--vit_pretrained", action="store_true", help="start ViTs from timm ImageNet weights (needs network)")
+    g.add_argument("--pretrained_file", default=None, help="start a ViT from a local timm/HF weight file (.safetensors, .pth, .bin)")
     g = p.add_argument_group("Training (None: the per-family recipe, see README)")
     g.add_argument("--epochs", type=int, default=80, help="epochs per state")
     g.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="CNN sgd, ViT adamw")
@@ -205,7 +208,13 @@ def validate(args: argparse.Namespace) -> None:
          f"--vit_structured needs a ViT arch (got --arch {a.arch}); CNNs regroup channels by default"),
         (a.vit_prune_target is None or a.vit_structured,
          f"--vit_prune_target {a.vit_prune_target}: needs --vit_structured (and a ViT arch)"),
-        (a.prune_type != "pt" or a.pretrained, "--prune_type pt needs --pretrained FILE"),
+        (a.prune_type != "pt" or a.pretrained or a.pretrained_file, "--prune_type pt needs --pretrained FILE or --pretrained_file FILE"),
+        (a.img_size is None or (a.dataset in ("imagenet", "folder") and 16 <= a.img_size <= 1024),
+         f"--img_size {a.img_size}: only for --dataset imagenet/folder, in [16, 1024] (other datasets keep their size)"),
+        (a.eval_batch_size is None or a.eval_batch_size >= 1, f"--eval_batch_size {a.eval_batch_size}: must be >= 1"),
+        (not a.pretrained_file or (is_vit(a.arch) and not (a.init or a.pretrained or a.vit_pretrained) and a.pretrained_file
+         .endswith((".safetensors", ".pth", ".pt", ".bin", ".tar"))), f"--pretrained_file {a.pretrained_file}: needs a ViT "
+         "arch and a .safetensors, .pth, .pt or .bin file; excludes --init, --pretrained and --vit_pretrained"),
         (a.prune_type != "rewind_lt" or 0 <= a.rewind_epoch <= a.epochs,
          f"--rewind_epoch {a.rewind_epoch}: must be in [0, --epochs]"),
         (not a.vit_pretrained or is_vit(a.arch), "--vit_pretrained needs a ViT arch"),
@@ -216,7 +225,7 @@ def validate(args: argparse.Namespace) -> None:
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
-    for flag in ("init", "pretrained", "checkpoint"):
+    for flag in ("init", "pretrained", "checkpoint", "pretrained_file"):
         path = getattr(a, flag)
         if path and not os.path.isfile(path):
             raise UsageError(f"--{flag} {path}: " + ("is a directory" if os.path.isdir(path) else "file not found"))

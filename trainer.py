@@ -6,6 +6,9 @@ Recipes (README "Training recipes" cites the sources):
 - ViT: AdamW lr 1e-3, weight decay 0.05, linear warmup (5 epochs, at most 1/8 of the state),
   cosine decay, label smoothing 0.1, TrivialAugment + crop/flip, mixup 0.8 / cutmix 1.0,
   stochastic depth 0.1 (the "ViT for small datasets" recipe, without repeated augmentation).
+- ViT from pretrained weights (--pretrained_file, --vit_pretrained): fine-tuning, AdamW lr 1e-4,
+  weight decay 0.05, warmup 1 epoch (at most 1/8 of the state), cosine, label smoothing 0.1,
+  no mixup/cutmix (README "Your own data and pretrained ViTs" gives the sources).
 """
 from __future__ import annotations
 
@@ -23,12 +26,21 @@ RECIPES = {
                 lr_schedule="step", label_smoothing=0.0, mixup=0.0, cutmix=0.0),
     "vit": dict(optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05, warmup=5.0,
                 lr_schedule="cosine", label_smoothing=0.1, mixup=0.8, cutmix=1.0),
+    "vit_finetune": dict(optimizer="adamw", lr=1e-4, momentum=0.9, weight_decay=0.05, warmup=1.0,
+                         lr_schedule="cosine", label_smoothing=0.1, mixup=0.0, cutmix=0.0),
 }
+
+
+def recipe_name(args, vit: bool) -> str:
+    """cnn, vit, or vit_finetune (a ViT that starts from pretrained weights)."""
+    if not vit:
+        return "cnn"
+    return "vit_finetune" if getattr(args, "pretrained_file", None) or args.vit_pretrained else "vit"
 
 
 def fill_recipe(args, vit: bool) -> None:
     """Set every recipe flag left at None (not given) to the family's default."""
-    recipe = dict(RECIPES["vit" if vit else "cnn"])
+    recipe = dict(RECIPES[recipe_name(args, vit)])
     if args.augment == "light":  # crop and flip only
         recipe.update(mixup=0.0, cutmix=0.0)
     for key, value in recipe.items():

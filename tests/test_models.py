@@ -13,6 +13,7 @@ SMALL = {
     "res20s": {"width": 4}, "res56s": {"width": 4}, "res18": {"width": 8},
     "vgg16_bn": {"width_div": 16},
     "vit_tiny": {"depth": 1}, "vit_small": {"depth": 1}, "vit_base": {"depth": 1},
+    "vit_small_imagenet": {"depth": 1}, "vit_base_imagenet": {"depth": 1}, "vit_large_imagenet": {"depth": 1},
 }
 CNNS = [n for n in MODEL_NAMES if not is_vit(n)]
 VITS = [n for n in MODEL_NAMES if is_vit(n)]
