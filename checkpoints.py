@@ -64,10 +64,17 @@ class RunDir:
         self.fd.flush()
         for leftover in glob.glob(os.path.join(path, "*.tmp")):  # from a killed run: never complete
             os.remove(leftover)
+        self.found = set(os.listdir(path))  # what this run did not write
 
     def release(self, failed: bool = False) -> None:
+        """Unlock. `failed`: a new run stopped before its first checkpoint; the args.yaml and
+        init.pth.tar it wrote go, and the dir too when this run created it."""
         if self.fd.closed:
             return
+        if failed and not glob.glob(os.path.join(self.path, "*checkpoint.pth.tar")):
+            for name in ("args.yaml", "init.pth.tar"):
+                if name not in self.found and os.path.isfile(os.path.join(self.path, name)):
+                    os.remove(os.path.join(self.path, name))
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         self.fd.close()
         if failed and self.created and os.listdir(self.path) == [".lock"]:
@@ -212,6 +219,11 @@ def init_weights(model: torch.nn.Module, args, resuming: bool, save: Callable) -
     path = os.path.join(args.save_dir, "init.pth.tar")
     pt_file = args.pretrained if args.prune_type == "pt" else None  # --pretrained_file: loaded below
     source = pt_file or args.init or (path if resuming else None)
+    if source == path and not os.path.isfile(path) and args.checkpoint:  # resumed into another folder
+        source = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "init.pth.tar")
+    if resuming and source and not os.path.isfile(source):
+        raise UsageError(f"--resume: {os.path.basename(source)} (the run's initial weights) is missing from "
+                         f"{os.path.dirname(source)}; resume in the run's own folder")
     if source:
         try:
             sd = torch.load(source, map_location="cpu", weights_only=True)

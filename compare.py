@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -83,7 +84,21 @@ def load_run(path: str) -> Run:
         raise InputError(f"RUN_DIR {path}: args.yaml is not a mapping of flags")
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and ROW_KEYS <= r.keys() for r in rows):
         raise InputError(f"RUN_DIR {path}: summary.json needs state rows with {', '.join(sorted(ROW_KEYS))}")
-    return Run(path, config, sorted(rows, key=lambda r: r["state"]))
+    return Run(path, config, sorted((_clean_row(path, r) for r in rows), key=lambda r: r["state"]))
+
+
+def _clean_row(path: str, row: dict) -> dict:
+    """A summary row with an integer state and numbers (NaN where a value is missing or null)."""
+    state = row["state"]
+    if isinstance(state, bool) or not isinstance(state, int):
+        raise InputError(f"RUN_DIR {path}: summary.json has a state {state!r} that is not an integer")
+    out = dict(row)
+    for key in ROW_KEYS - {"state"}:
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InputError(f"RUN_DIR {path}: state {state} has {key} {value!r}, not a number")
+        out[key] = math.nan if value is None else float(value)
+    return out
 
 
 def check_comparable(runs: list[Run]) -> None:
@@ -106,7 +121,7 @@ def unique_labels(runs: list[Run]) -> list[str]:
 
 def best_state(rows: list[dict]) -> dict:
     """The pruned state (>= 1) with the highest final test accuracy, else state 0."""
-    pruned = [r for r in rows if r["state"] >= 1]
+    pruned = [r for r in rows if r["state"] >= 1 and not math.isnan(r["final_test_acc"])]
     return max(pruned, key=lambda r: r["final_test_acc"]) if pruned else rows[0]
 
 
@@ -117,6 +132,7 @@ def _plain_log_x(ax, values: list[float]) -> None:
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(plain)
+    values = [v for v in values if math.isfinite(v) and v > 0] or [1.0]
     narrow = max(values) / max(min(values), 1e-12) < 12
     ax.xaxis.set_minor_formatter(plain if narrow else NullFormatter())
 
@@ -153,7 +169,9 @@ def plot_runs(path: str, runs: list[Run], labels: list[str]) -> None:
 
 
 def _cell(row: dict | None) -> str:
-    return "–" if row is None else f"{row['final_test_acc']:.2f} ({row['remaining_weights']:.3g}%)"
+    if row is None or math.isnan(row["final_test_acc"]):
+        return "–"
+    return f"{row['final_test_acc']:.2f} ({row['remaining_weights']:.3g}%)"
 
 
 def table_markdown(runs: list[Run], labels: list[str]) -> str:
@@ -167,7 +185,8 @@ def table_markdown(runs: list[Run], labels: list[str]) -> str:
         criterion = "–" if run.method == "IMP-unstructured" else str(run.config.get("criteria"))
         cells = [label, run.method, criterion, str(run.config.get("rate"))]
         cells += [_cell(by_state.get(s)) for s in range(n_states)]
-        cells.append(f"{best['state']}: {_cell(best)}, {best['compression']:.2f}x")
+        cells.append(f"{best['state']}: {_cell(best)}, {best['compression']:.2f}x" if not math.isnan(best["final_test_acc"])
+                     else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -191,8 +210,8 @@ def masks_png_from_run(run_dir: str) -> str:
 
     first = os.path.join(run_dir, "0checkpoint.pth.tar")
     try:
-        ck = torch.load(first, map_location="cpu", weights_only=False, mmap=True)
-        model = create_model(ck["arch"], ck["num_classes"], ck["img_size"])
+        ck = torch.load(first, map_location="cpu", weights_only=False)
+        model = create_model(ck["arch"], ck["num_classes"], ck["img_size"], **ck.get("model_kwargs", {}))
     except Exception as e:  # missing, truncated or foreign file
         raise InputError(f"--masks: cannot rebuild the model from {first} ({type(e).__name__})") from None
     path = os.path.join(run_dir, "masks.png")
@@ -210,20 +229,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def output_stem(out: str) -> str:
-    """NAME without a .png/.md suffix, its folder created."""
+    """NAME without a .png/.md suffix, its folder created and checked writable (before any work)."""
+    if out.endswith(os.sep) or os.path.isdir(out):
+        raise InputError(f"--out {out}: is a folder; give a file name stem, e.g. {os.path.join(out, 'compare')}")
     stem = os.path.splitext(out)[0] if out.endswith((".png", ".md")) else out
+    folder = os.path.dirname(stem) or "."
     try:
-        os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
+        probe = f"{stem}.{os.getpid()}.probe"
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
     except OSError as e:
-        raise InputError(f"--out {out}: cannot create its folder ({e.strerror})") from None
+        raise InputError(f"--out {out}: cannot write there ({e.strerror})") from None
     return stem
 
 
 def compare(args: argparse.Namespace) -> None:
+    stem = output_stem(args.out)
     runs = [load_run(d) for d in args.run_dirs]
     if not args.allow_mixed:
         check_comparable(runs)
-    stem, labels = output_stem(args.out), unique_labels(runs)
+    labels = unique_labels(runs)
     plot_runs(f"{stem}.png", runs, labels)
     write_markdown(f"{stem}.md", runs, labels)
     print(f"wrote {stem}.png and {stem}.md")

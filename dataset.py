@@ -123,15 +123,18 @@ def _cifar(name: str, root: str):
     from torchvision import datasets
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    existed = os.path.isdir(root)
     try:
         sets = [cls(root, train=t, download=False) for t in (True, False)]
     except RuntimeError:
         try:
             sets = [cls(root, train=t, download=True) for t in (True, False)]
         except Exception as e:  # no network, disk full, corrupt archive
-            url = cls.url
+            if not existed and os.path.isdir(root) and not os.listdir(root):
+                os.rmdir(root)  # leave no empty data folder behind
             raise DataError(f"--dataset {name}: not found in {root}/{folder} and download failed "
-                            f"({type(e).__name__}); fetch {url} and extract it into {root}/") from None
+                            f"({type(e).__name__}); fetch {cls.url} and extract it into {root}/, "
+                            "or try --dataset digits (bundled, no download)") from None
     as_tensors = lambda d: (torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
                             torch.tensor(d.targets, dtype=torch.long))
     (xtr, ytr), (xte, yte) = as_tensors(sets[0]), as_tensors(sets[1])

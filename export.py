@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import time
@@ -40,7 +41,7 @@ def load_compact(path: str, map_location: str | torch.device = "cpu") -> nn.Modu
 def read_checkpoint(path: str) -> dict:
     """A state checkpoint of main_imp_fillback.py (or any dict with the same keys)."""
     if not os.path.isfile(path):
-        raise ExportError(f"--checkpoint {path}: file not found")
+        raise ExportError(f"--checkpoint {path}: " + ("is a directory" if os.path.isdir(path) else "file not found"))
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -175,9 +176,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ExportError("--device cuda: CUDA is not available on this machine")
     out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out) or args.out.endswith(os.sep):
+        raise ExportError(f"--out {args.out}: is a folder; give a file name, e.g. {os.path.join(args.out, 'compact.pt')}")
     if not os.path.isdir(out_dir):
         raise ExportError(f"--out {args.out}: folder {out_dir} does not exist")
+    if not os.access(out_dir, os.W_OK) or (os.path.exists(args.out) and not os.access(args.out, os.W_OK)):
+        raise ExportError(f"--out {args.out}: not writable")
     return args
+
+
+def target_density_warning(ck: dict, path: str) -> str | None:
+    """A warning when the checkpoint's mask is denser than its state's structured target R (a
+    best-val epoch taken before an RSST removal, in checkpoints of older versions)."""
+    target = (ck.get("masks") or {}).get("target")
+    match = re.fullmatch(r"(\d+)model_SA_best\.pth\.tar", os.path.basename(path))
+    sibling = os.path.join(os.path.dirname(path), f"{match.group(1)}checkpoint.pth.tar") if match else None
+    if target is None and sibling and os.path.isfile(sibling):
+        try:
+            target = torch.load(sibling, map_location="cpu", weights_only=True).get("masks", {}).get("target")
+        except Exception:
+            target = None
+    if not target:
+        return None
+    density = lambda masks: sum(int(m.count_nonzero()) for m in masks.values()) / max(1, sum(m.numel() for m in masks.values()))
+    dense, goal = density(ck["mask"]), density(target)
+    if dense <= goal + 1e-9:
+        return None
+    return (f"warning: this checkpoint's mask keeps {100 * dense:.2f}% of the prunable weights, more than its "
+            f"state's structured target ({100 * goal:.2f}%): it is not the state's ticket")
 
 
 def describe(desc: dict, model: nn.Module) -> str:
@@ -196,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         ck = read_checkpoint(args.checkpoint)
+        warning = target_density_warning(ck, args.checkpoint)
+        if warning:
+            print(warning, file=sys.stderr)
         masked = masked_model(ck)
         artifact = export_artifact(ck, masked)
     except ExportError as e:

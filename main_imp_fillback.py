@@ -12,15 +12,13 @@ torch is imported (instant); the state loop lives in imp_loop.py, run files in c
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shlex
 import sys
 
-import yaml
-
 from errors import UsageError
 from models import ARCH_CHOICES, is_vit
+from run_config import HelpFormatter, config_tokens, finite, given_flags
 
 # The choices of the command line, kept here so a typo is reported before torch loads;
 # tests/test_cli.py checks them against the implementations (dataset, pruning_utils, rsst).
@@ -38,26 +36,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-class _Help(argparse.HelpFormatter):
-    """Adds "(default: X)" where a default exists and the help does not state it already."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
-def finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
 # ------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("Data")
     g.add_argument("--dataset", default="cifar10", choices=DATASETS, help="dataset")
     g.add_argument("--data", default="data", help="dataset root (CIFAR is downloaded here when reachable)")
@@ -134,48 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
-    """The flags of a YAML config as command-line tokens, so they meet the same checks."""
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UsageError(f"--config {path}: cannot read ({type(e).__name__})") from None
-    if cfg is None:
-        return []
-    if not isinstance(cfg, dict):
-        raise UsageError(f"--config {path}: not a mapping of flag: value")
-    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
-    unknown = sorted(str(k) for k in cfg if k not in actions)
-    if unknown:
-        raise UsageError(f"--config {path}: unknown keys {', '.join(unknown)}")
-    tokens = []
-    for key, value in cfg.items():
-        if key in RUNTIME_KEYS + RUN_KEYS or value is None:
-            continue
-        if isinstance(value, (list, dict)) or (actions[key].nargs == 0 and not isinstance(value, bool)):
-            raise UsageError(f"--config {path}: {key}: {value!r} is not a valid value for --{key}")
-        if actions[key].nargs == 0:
-            tokens += [f"--{key}"] if value else []
-        else:
-            tokens += [f"--{key}", str(value)]
-    return tokens
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
-        args = parser.parse_args(config_tokens(args.config, parser) + list(sys.argv[1:] if argv is None else argv))
+        skip = RUNTIME_KEYS + RUN_KEYS
+        args = parser.parse_args(config_tokens(args.config, parser, skip) + list(sys.argv[1:] if argv is None else argv))
     return args
 
 
 def explicit_flags(argv: list[str]) -> set[str]:
     """The flags given on the command line itself (not defaults, not --config)."""
-    parser = build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+    return given_flags(build_parser(), argv)
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -255,7 +206,7 @@ def resolve(args: argparse.Namespace) -> None:
 
 def resume_command(args: argparse.Namespace) -> str:
     """A copy-paste exact command that continues this run (interpreter, quoting, runtime flags)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--resume", "--save_dir", args.save_dir,
+    cmd = [sys.executable, os.path.abspath(__file__), "--resume", "--save_dir", os.path.abspath(args.save_dir),
            "--threads", str(args.threads), "--wandb", args.wandb, "--device", args.device]
     return shlex.join(cmd)
 
@@ -275,13 +226,13 @@ def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
         else:
             resolve(args)
         rank = int(os.environ.get("RANK", "0"))
-        run_dir = RunDir(args.save_dir, create=not args.resume) if rank == 0 else None
+        run_dir = RunDir(args.save_dir, create=not args.resume or bool(args.checkpoint)) if rank == 0 else None
         resume_ck = open_run(args, given, RUNTIME_KEYS, rank)
         resolve(args)  # a resumed run: its saved config is already resolved
-        run = IMPRun(args, resume_ck, stop)
-        if resume_ck is None and run.dist.is_main:
+        if resume_ck is None and rank == 0:  # first: from here on a killed run can be resumed
             write_yaml(os.path.join(args.save_dir, "args.yaml"),
                        {k: v for k, v in vars(args).items() if k not in RUNTIME_KEYS})
+        run = IMPRun(args, resume_ck, stop)
         run.run(resume_ck)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -301,8 +252,8 @@ def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
         restore_handlers(previous)
         if run is not None:
             run.close()
-        if run_dir is not None:
-            run_dir.release(failed=run is None)
+        if run_dir is not None:  # a new run that failed before training leaves no files behind
+            run_dir.release(failed=run is None and not args.resume)
     return 0
 
 

@@ -87,7 +87,7 @@ def kth_smallest(values: torch.Tensor, k: int, sample: int = 65536) -> tuple[tor
         lo, hi = s[max(0, r - margin)].to(values.device), s[min(s.numel() - 1, r + margin)].to(values.device)
         under = values < lo
         below = int(under.count_nonzero())
-        band = values[(values <= hi).logical_and_(under.logical_not_())].cpu()
+        band = values[(values <= hi).logical_xor_(under)].cpu()  # lo <= v <= hi (under is inside v <= hi)
         if below < k <= below + band.numel():
             v = torch.kthvalue(band, k - below).values
             return v.to(values.device), below + int((band < v).count_nonzero())
@@ -113,7 +113,7 @@ def global_magnitude_prune(weights: dict[str, torch.Tensor], alive: Masks, keep:
         torch.abs(weights[n].detach().reshape(-1), out=part)
         live = int(alive[n].count_nonzero())
         if live < part.numel():
-            part.mul_(alive[n].reshape(-1))
+            part.masked_fill_(alive[n].reshape(-1).logical_not(), 0.0)
         n_alive += live
     keep = max(0, min(keep, n_alive))
     if keep == 0:

@@ -1,6 +1,9 @@
 """Seconds for one pruning step on CPU: global magnitude pruning over all prunable weights and one
-regroup (vit_small: heads + MLP neurons, magnitude; res56s: conv channels, magnitude).
-Target: each under 1 s for vit_small (21M prunable weights) on a 2-core machine.
+regroup (vit_small: heads + MLP neurons, magnitude; res56s: conv channels, magnitude), against
+the one-pass floor of magnitude pruning: read every weight once and compare it with a known
+threshold (`|w| >= t` per layer). Targets for vit_small (21M prunable weights): each step under
+1 s; global pruning within 2x of the floor. Peak memory: the extra resident memory of one global
+pruning call, measured in a fresh process (ru_maxrss), against the weights' own size.
 
     python bench/bench_pruning.py [--repeats 5] [--threads N] [--record]
 
@@ -10,17 +13,18 @@ wait a scheduler slice for its second thread; the load average is printed with t
 from __future__ import annotations
 
 import shlex
+import subprocess
 import sys
 
 import torch
 
-from common import apply_threads, bench_parser, machine, median_seconds, record
+from common import ROOT, apply_threads, bench_parser, machine, median_seconds, record
 
 import pruning_utils as pu  # noqa: E402  (common puts the repository root on sys.path)
 from models import create_model  # noqa: E402
 from vit_pruning_utils import vit_unit_groups  # noqa: E402
 
-TARGET_S = 1.0
+TARGET_S, TARGET_FLOOR = 1.0, 2.0
 
 
 def trained_like(arch: str) -> torch.nn.Module:
@@ -33,19 +37,53 @@ def trained_like(arch: str) -> torch.nn.Module:
     return model
 
 
-def bench_arch(arch: str, repeats: int) -> list[tuple[str, int, float]]:
-    """(step, weights, median seconds) for the magnitude pruning and the regroup of `arch`."""
+def one_pass_floor(weights: dict, thr: float) -> list:
+    """The least any magnitude pruning does: read each weight once, compare with a threshold."""
+    return [torch.abs(w.detach()).ge_(thr) for w in weights.values()]
+
+
+def bench_arch(arch: str, repeats: int) -> list[tuple[str, int, float, str]]:
+    """(step, weights, median seconds, note) for the magnitude pruning, its floor and the regroup."""
     model = trained_like(arch)
     weights, alive = pu.prunable_weights(model), pu.ones_masks(model)
     total = pu.count_total(alive)
     keep = pu.imp_keep_count(total, 0.2, 1)
     imp = pu.global_magnitude_prune(weights, alive, keep)
+    # state 2's step: a masked network pruned again inside its mask (the common case after state 0)
+    pu.apply_masks(weights, imp)
+    keep2 = pu.imp_keep_count(total, 0.2, 2)
     groups = vit_unit_groups(model, "both") if arch.startswith("vit") else pu.channel_groups(model)
     kind = "heads + MLP neurons" if arch.startswith("vit") else "channels"
-    prune_s = median_seconds(lambda: pu.global_magnitude_prune(weights, alive, keep), 1, repeats)
+    prune_s = median_seconds(lambda: pu.global_magnitude_prune(weights, imp, keep2), 1, repeats)
+    floor_s = median_seconds(lambda: one_pass_floor(weights, 0.01), 1, repeats)
     regroup_s = median_seconds(lambda: pu.regroup(groups, weights, imp, "magnitude"), 1, repeats)
-    return [(f"{arch} global magnitude prune", total, prune_s),
-            (f"{arch} regroup ({kind}, magnitude)", total, regroup_s)]
+    return [(f"{arch} global magnitude prune (inside a mask)", total, prune_s, f"{prune_s / floor_s:.2f}x the floor"),
+            (f"{arch} one-pass floor (read + compare)", total, floor_s, ""),
+            (f"{arch} regroup ({kind}, magnitude)", total, regroup_s, "")]
+
+
+PEAK = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {bench!r})
+from bench_pruning import trained_like
+import pruning_utils as pu
+torch.set_num_threads(1)
+model = trained_like({arch!r})
+weights, alive = pu.prunable_weights(model), pu.ones_masks(model)
+keep = pu.imp_keep_count(pu.count_total(alive), 0.2, 1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+pu.global_magnitude_prune(weights, alive, keep)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024, sum(w.numel() * w.element_size() for w in weights.values()))
+"""
+
+
+def peak_extra_bytes(arch: str) -> tuple[int, int]:
+    """(extra peak resident bytes of one global pruning call, bytes of the prunable weights)."""
+    code = PEAK.format(root=ROOT, bench=f"{ROOT}/bench", arch=arch)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return int(out[0]), int(out[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,14 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed calls per step (median)")
     a = p.parse_args(argv)
     apply_threads(a.threads)
-    lines = ["| step | prunable weights | median s | target |", "|---|---|---|---|"]
+    lines = ["| step | prunable weights | median s | note |", "|---|---|---|---|"]
     print(machine())
     for arch in ("vit_small", "res56s"):
-        for name, total, sec in bench_arch(arch, a.repeats):
-            target = (f"< {TARGET_S:g} s: {'met' if sec < TARGET_S else 'MISSED'}"
-                      if arch == "vit_small" else "")
-            lines.append(f"| {name} | {total:,} | {sec:.3f} | {target} |")
+        for name, total, sec, note in bench_arch(arch, a.repeats):
+            if arch == "vit_small" and "floor" not in name:
+                note += f"{'; ' if note else ''}< {TARGET_S:g} s: {'met' if sec < TARGET_S else 'MISSED'}"
+            lines.append(f"| {name} | {total:,} | {sec:.3f} | {note} |")
             print(lines[-1], flush=True)
+    extra, size = peak_extra_bytes("vit_small")
+    lines += ["", f"vit_small, one global pruning call: peak resident memory +{extra / 2**20:.0f} MiB over the model "
+              f"({size / 2**20:.0f} MiB of prunable weights; {extra / size:.2f}x). Target: pruning within "
+              f"{TARGET_FLOOR:g}x of the one-pass floor."]
+    print(lines[-1])
     if a.record:
         record("Pruning step cost (CPU)", "python bench/bench_pruning.py " + shlex.join(sys.argv[1:]), lines)
     return 0

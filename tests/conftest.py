@@ -30,7 +30,7 @@ def run_main(tmp_path, capsys):
     def _run(*flags, save_dir=None, small=True):
         save_dir = str(save_dir or tmp_path / "run")
         argv = ["--dataset", "synthetic", "--synthetic_size", "96", "--batch_size", "32"] if small else []
-        argv += list(flags) + ["--save_dir", save_dir, "--wandb", "disabled", "--device", "cpu"]  # later flags win
+        argv += ["--device", "cpu"] + list(flags) + ["--save_dir", save_dir, "--wandb", "disabled"]  # later flags win
         rc = main(argv)
         return rc, save_dir, capsys.readouterr().err
     return _run

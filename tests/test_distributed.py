@@ -157,3 +157,11 @@ def test_rank_zero_loads_data_first(monkeypatch):
     with D.rank_zero_first(D.Dist()):
         events.append("load")
     assert events == ["load"]
+
+
+def test_gpu_check_script_dry_run_passes():
+    p = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run"], cwd=ROOT,
+                       env={**ENV, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    block = p.stdout[p.stdout.index("===== gpu_check"):]
+    assert "pytest -m gpu: exit 0" in block and "images/s" in block and "compact" in block
