@@ -71,67 +71,75 @@ def imp_keep_count(total: int, rate: float, prunings: int) -> int:
     return int(math.floor(total * (1.0 - rate) ** prunings + 0.5))
 
 
-def kth_smallest(values: torch.Tensor, k: int, sample: int = 65536) -> tuple[torch.Tensor, int]:
-    """(v, c): the k-th smallest entry (1-based) of a flat tensor, exactly, as a 0-dim tensor,
-    and the number of entries smaller than it.
-
-    A full `kthvalue` of tens of millions of values dominates a pruning step. A strided
-    sample brackets the answer; the exact selection then runs on the values inside the
-    bracket (a few percent). When the bracket misses, the full `kthvalue` runs instead.
-    """
-    n = values.numel()
-    step = n // sample
-    if step >= 16:
-        s = torch.sort(values[::step].cpu()).values
-        r, margin = (k - 1) * s.numel() // n, 4 * int(math.sqrt(s.numel())) + 8
-        lo, hi = s[max(0, r - margin)].to(values.device), s[min(s.numel() - 1, r + margin)].to(values.device)
-        under = values < lo
-        below = int(under.count_nonzero())
-        band = values[(values <= hi).logical_xor_(under)].cpu()  # lo <= v <= hi (under is inside v <= hi)
-        if below < k <= below + band.numel():
-            v = torch.kthvalue(band, k - below).values
-            return v.to(values.device), below + int((band < v).count_nonzero())
-    v = torch.kthvalue(values.cpu(), k).values.to(values.device)
-    return v, int((values < v).count_nonzero())
+def _top_exact(vals: torch.Tensor, keep: int) -> torch.Tensor:
+    """Bool mask of the `keep` largest entries of `vals` (ties: the first index wins)."""
+    thr = torch.kthvalue(vals.cpu(), vals.numel() - keep + 1).values.to(vals.device)
+    chosen = vals > thr
+    tied = vals == thr
+    return chosen | (tied & (torch.cumsum(tied, 0) <= keep - int(chosen.count_nonzero())))
 
 
 @torch.no_grad()
-def global_magnitude_prune(weights: dict[str, torch.Tensor], alive: Masks, keep: int) -> Masks:
+def global_magnitude_prune(weights: dict[str, torch.Tensor], alive: Masks, keep: int,
+                           sample: int = 65536) -> Masks:
     """Keep the `keep` largest |w| among weights alive in `alive`: one threshold for all layers.
 
-    Weights tied at the threshold are kept in flat index order, so the count is exact and the
-    result is deterministic. One tensor-level selection over all prunable weights: |w| of the
-    alive weights (dead ones read as 0) written once into a flat vector, the threshold found
-    from a sampled bracket, one final compare; ties at the threshold (rare for trained
-    weights) cost one more pass. Returns bool masks, views into one flat buffer.
+    Weights tied at the threshold are kept in flat index order (layers in `alive`'s order), so
+    the count is exact and the result deterministic. A strided sample of the alive magnitudes
+    brackets the threshold in [lo, hi]; one sweep over each layer marks the weights above hi
+    (all kept) and gathers the few inside the bracket, whose exact threshold a selection finds.
+    Per layer that is |w|, two compares and a gather, against the one-pass floor's |w| and one
+    compare; a bracket that misses falls back to one exact sort. Returns bool masks, views
+    into one flat buffer.
     """
     names = list(alive)
     sizes = [alive[n].numel() for n in names]
-    mag = torch.empty(sum(sizes), dtype=torch.float32, device=weights[names[0]].device)
-    n_alive = 0
-    for n, part in zip(names, mag.split(sizes)):
-        torch.abs(weights[n].detach().reshape(-1), out=part)
-        live = int(alive[n].count_nonzero())
-        if live < part.numel():
-            part.masked_fill_(alive[n].reshape(-1).logical_not(), 0.0)
-        n_alive += live
+    live = [alive[n].reshape(-1).bool() for n in names]
+    n_alive = sum(int(m.count_nonzero()) for m in live)
     keep = max(0, min(keep, n_alive))
-    if keep == 0:
-        flat = torch.zeros(mag.numel(), dtype=torch.bool, device=mag.device)
-    else:
-        thr, smaller = kth_smallest(mag, mag.numel() - keep + 1)
-        if thr > 0:
-            flat = mag >= thr
-            extra = mag.numel() - smaller - keep  # entries tied at thr beyond the budget
-            if extra > 0:  # ties: the first indices win
-                tied = torch.nonzero(mag == thr).flatten()
-                flat[tied[tied.numel() - extra:]] = False
-        else:  # the budget reaches zero magnitudes: keep alive zeros in index order
-            flat = mag > 0
-            live = torch.cat([alive[n].reshape(-1).bool() for n in names])
-            zeros = torch.nonzero(live & ~flat).flatten()
-            flat[zeros[: keep - int(flat.count_nonzero())]] = True
-    return {n: p.view_as(alive[n]) for n, p in zip(names, flat.split(sizes))}
+    flat = torch.empty(sum(sizes), dtype=torch.bool, device=weights[names[0]].device)
+    parts = flat.split(sizes)
+    out = {n: p.view_as(alive[n]) for n, p in zip(names, parts)}
+    step = flat.numel() // sample
+    if 0 < keep < n_alive and step >= 8 and _bracketed(weights, names, live, parts, keep, n_alive, step):
+        return out
+    if keep in (0, n_alive):  # nothing kept, or every alive weight
+        return {n: p.copy_(m if keep else torch.zeros_like(m)).view_as(alive[n]) for n, m, p in zip(names, live, parts)}
+    mag = torch.cat([torch.where(m, weights[n].detach().reshape(-1).abs().float(), -1.0) for n, m in zip(names, live)])
+    flat.copy_(_top_exact(mag, keep))  # dead weights (-1) rank below every alive one
+    return out
+
+
+def _bracketed(weights, names, live, parts, keep: int, n_alive: int, step: int) -> bool:
+    """The sampled-bracket selection behind `global_magnitude_prune`; writes `parts`, returns
+    False (parts undefined) when the bracket misses the threshold."""
+    s = torch.cat([weights[n].detach().reshape(-1)[::step].abs()[m[::step]] for n, m in zip(names, live)])
+    s = torch.sort(s.float().cpu(), descending=True).values
+    q = keep / n_alive
+    r, margin = (keep - 1) * s.numel() // n_alive, int(5 * math.sqrt(q * (1 - q) * s.numel())) + 16
+    hi = float(s[r - margin]) if r - margin >= 0 else math.inf
+    lo = float(s[r + margin]) if r + margin < s.numel() else -math.inf
+    above, band, where = 0, [], []
+    longest = max(p.numel() for p in parts)  # one scratch buffer each, reused layer after layer
+    a_buf = torch.empty(longest, device=parts[0].device, dtype=weights[names[0]].dtype)
+    in_buf = torch.empty(longest, device=parts[0].device, dtype=torch.bool)
+    for n, m, part in zip(names, live, parts):
+        a = torch.abs(weights[n].detach().reshape(-1), out=a_buf[: part.numel()])
+        torch.gt(a, hi, out=part)
+        inner = torch.ge(a, lo, out=in_buf[: part.numel()]).logical_and_(m)
+        inner.logical_xor_(part.logical_and_(m))  # lo <= |w| <= hi: inside minus above (above is inside ge)
+        above += int(part.count_nonzero())
+        idx = inner.nonzero().flatten()
+        band.append(a[idx].float())
+        where.append(idx)
+    vals = torch.cat(band)
+    need = keep - above
+    if not 0 < need <= vals.numel():
+        return need == 0
+    chosen = _top_exact(vals, need)
+    for part, idx, pick in zip(parts, where, chosen.split([b.numel() for b in band])):
+        part.index_fill_(0, idx[pick], True)
+    return True
 
 
 # ------------------------------------------------------------------------------ units
