@@ -196,7 +196,7 @@ def open_run(args, given: set[str], runtime_keys: tuple, rank: int = 0) -> dict 
         else:
             adopt_saved_run(args, resume_ck["config"], given, runtime_keys, args.checkpoint or args.save_dir)
         return resume_ck
-    existing = find_existing_run(args.save_dir)
+    existing = find_existing_run(args.save_dir) if rank == 0 else []  # rank 0 may be writing args.yaml
     if existing and not args.overwrite:
         raise UsageError(f"--save_dir {args.save_dir} holds another run ({os.path.basename(existing[0])}); "
                          "pass --resume to continue it or --overwrite to replace it")

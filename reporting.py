@@ -82,11 +82,28 @@ def plot_state(path: str, history: list[dict], title: str) -> None:
         b.plot(ep, [h[f"{key}_loss"] for h in history], marker="o", label=key)
     a.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     b.set(xlabel="epoch", ylabel="loss (log)", yscale="log", title="loss")
+    _plain_ticks(a, b)
     a.legend()
     fig.suptitle(_fit(title))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plain_ticks(*axes) -> None:
+    """Integer steps/epochs on x; y tick labels as plain numbers, also on log scales."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain if ax.get_yscale() == "log" and _narrow(ax) else FuncFormatter(lambda v, _: ""))
+
+
+def _narrow(ax) -> bool:
+    """A log axis spanning less than one decade (its minor ticks then need labels)."""
+    lo, hi = ax.get_ylim()
+    return lo > 0 and hi / lo < 10
 
 
 def _fit(title: str, width: int = 70) -> str:
@@ -106,6 +123,7 @@ def plot_lambda(path: str, steps: list[int], lambdas: list[float], norms: list[f
     b.plot(steps, [max(n, 1e-12) for n in norms], color="tab:blue")
     b.set(xlabel="optimizer step in state", ylabel="||w_P|| / ||w_P at start||", yscale="log",
           title="penalized norm ratio", ylim=(min(min(norms, default=1.0), 1e-3) / 2, 2.0))
+    _plain_ticks(a, b)
     if removal_step is not None:
         for ax in (a, b):
             ax.axvline(removal_step, color="gray", ls="--", label=f"removal (step {removal_step})")
@@ -149,7 +167,7 @@ def plot_summary(path: str, rows: list[dict], title: str) -> None:
 def auto_run_name(args, vit: bool) -> str:
     """struct, arch, dataset, schedule/reg/exponents (rsst) or fill rate (refill), criteria,
     rate, struct_{target} with --vit_structured, timestamp."""
-    parts = [args.struct, args.arch, args.dataset]
+    parts = [args.struct, args.arch.replace(":", "-"), args.dataset]  # timm:NAME -> timm-NAME (a path part)
     if args.struct == "rsst":
         parts += [args.RST_schedule.replace("^", ""), f"reg{args.reg_granularity_prune:g}"]
         if args.RST_schedule == "exp_custom_exponents":

@@ -68,8 +68,8 @@ def runs_of(group: str, seeds: list[int], out: str) -> list[dict]:
     base_group = spec.get("base", group)
     first = next(iter(GROUPS[base_group]["methods"]))
     items = []
-    for name, flags in spec["methods"].items():
-        for seed in spec.get("seeds", seeds):
+    for seed in spec.get("seeds", seeds):  # seed by seed: the first seeds complete first
+        for name, flags in spec["methods"].items():
             save = run_dir(out, group, name, seed)
             cmd = ["main_imp_fillback.py", *spec["flags"], *flags, *COMMON, "--seed", str(seed), "--save_dir", save]
             base = None if (group == base_group and name == first) else run_dir(out, base_group, first, seed)

@@ -350,3 +350,26 @@ def test_rewind_lt_and_pt_rewind_points(run_main, tmp_path):
     start = torch.load(os.path.join(p, "init.pth.tar"), weights_only=True)["state_dict"]
     trained = load(d, 0)["state_dict"]
     assert all(torch.equal(start[k], trained[k]) for k in trained)
+
+
+def test_command_line_choices_match_the_implementations():
+    import dataset
+    import pruning_utils as pu
+    import rsst
+    import vit_pruning_utils as vpu
+    assert set(mif.DATASETS) == set(dataset.DATASETS)
+    assert sorted(mif.CRITERIA) == sorted(pu.CRITERIA)
+    assert sorted(mif.SCHEDULES) == sorted(rsst.SCHEDULES)
+    assert tuple(mif.VIT_TARGETS) == tuple(vpu.VIT_TARGETS)
+
+
+@pytest.mark.parametrize("flags", [["--arch", "nosuch"], ["--prunning_times", "3"], ["--help"]])
+def test_argument_errors_and_help_come_before_torch_loads(flags):
+    import subprocess
+    import sys
+    code = ("import sys; import main_imp_fillback as m\n"
+            "try:\n    rc = m.main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "sys.exit(rc if 'torch' not in sys.modules else 99)")
+    p = subprocess.run([sys.executable, "-c", code, *flags], cwd=os.path.dirname(os.path.dirname(__file__)),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == (0 if flags == ["--help"] else 2), p.stderr

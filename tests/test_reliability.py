@@ -252,32 +252,37 @@ def test_printed_resume_command_is_exact_and_runs(tmp_path):
 
 
 # ------------------------------------------------------------------ kills at random
-def _kill_and_resume(flags, d, delay):
-    p = subprocess.Popen(cli(*flags, save_dir=d), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not os.path.exists(d / "args.yaml") and p.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(delay)
-    p.kill()
-    p.wait()
+# Five SIGKILLs in a row on one run, each at a later moment (after a file appears, plus a delay),
+# each followed by --resume: startup, mid-epoch, right after a state's reports, after the RSST
+# removal, between a state checkpoint and its reports. Then the run must equal an uninterrupted one.
+KILLS = (("args.yaml", 0.6), ("0model_SA_best.pth.tar", 0.2), ("0_curves.png", 0.0),
+         ("1model_SA_best.pth.tar", 0.1), ("1checkpoint.pth.tar", 0.0))
+
+
+def _start(cmd):
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("flags", [CNN, VIT], ids=["res20s", "vit_tiny"])
+def test_sigkill_at_ten_moments_then_resume_is_identical(tmp_path, flags):
+    full, d = tmp_path / "full", tmp_path / "cut"
+    assert subprocess.run(cli(*flags, save_dir=full), cwd=ROOT, env=ENV, capture_output=True).returncode == 0
     resume = [sys.executable, os.path.join(ROOT, "main_imp_fillback.py"), "--resume", "--save_dir", str(d),
               "--device", "cpu", "--threads", "1", "--wandb", "disabled"]
-    return subprocess.run(resume, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-
-
-@pytest.mark.parametrize("arch, flags, fractions", [("res20s", CNN, (0.1, 0.3, 0.5, 0.7, 0.9, 0.97)),
-                                                    ("vit_tiny", VIT, (0.15, 0.45, 0.75, 0.95))])
-def test_sigkill_at_random_moments_then_resume_is_identical(tmp_path, arch, flags, fractions):
-    full = tmp_path / "full"
-    t0 = time.time()
-    assert subprocess.run(cli(*flags, save_dir=full), cwd=ROOT, env=ENV, capture_output=True).returncode == 0
-    duration = time.time() - t0
-    for i, f in enumerate(fractions):
-        d = tmp_path / f"cut{i}"
-        r = _kill_and_resume(flags, d, f * duration)
-        assert r is not None and r.returncode == 0, (f, r and r.stderr[-2000:])
-        assert_same_run(full, d)
+    killed = 0
+    for i, (marker, delay) in enumerate(KILLS):
+        p = _start(cli(*flags, save_dir=d) if i == 0 else resume)
+        deadline = time.time() + 300
+        while not os.path.exists(d / marker) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        killed += p.poll() is None
+        p.kill()
+        p.wait()
+    assert killed >= 4  # the run was still going at (nearly) every moment
+    r = subprocess.run(resume, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_run(full, d)
 
 
 # ---------------------------------------------------------------- config and flags
