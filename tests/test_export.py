@@ -215,3 +215,18 @@ def test_export_of_a_real_run_checkpoint(run_main, tmp_path):
                         "--batch", "4", "--warmup", "0", "--repeats", "1", "--device", "cpu"]) == 0
     ck = export.read_checkpoint(os.path.join(save_dir, "1checkpoint.pth.tar"))
     assert export.count_params(export.load_compact(str(out))) < export.count_params(export.masked_model(ck))
+
+
+def test_warns_when_a_checkpoint_is_denser_than_its_states_target(tmp_path):
+    """A best-val file from before an RSST removal (older versions) is not the state's ticket."""
+    ck = channel_checkpoint("res20s", width=4)
+    target = {n: m.clone() for n, m in ck["mask"].items()}
+    first = next(iter(target))
+    target[first][: target[first].shape[0] // 2] = False
+    state = dict(ck, masks={"target": target})
+    torch.save(state, tmp_path / "1checkpoint.pth.tar")
+    torch.save(ck, tmp_path / "1model_SA_best.pth.tar")
+    assert "more than its state's structured target" in export.target_density_warning(
+        ck, str(tmp_path / "1model_SA_best.pth.tar"))
+    assert export.target_density_warning(state, str(tmp_path / "1checkpoint.pth.tar")) is not None
+    assert export.target_density_warning(dict(ck, masks={"target": ck["mask"]}), "x.pth.tar") is None
