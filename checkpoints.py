@@ -173,6 +173,10 @@ def adopt_saved_run(args, config: dict, given: set[str], skip: tuple, where: str
                              f"({config.get('arch')}, {config.get('dataset')}, {config.get('struct')}); "
                              f"resume it without --{key} or start a new run")
         setattr(args, key, saved)
+    missing = sorted(k for k in vars(args) if k not in config and k not in skip and k not in ("save_dir", "exp_name"))
+    if missing:
+        print(f"warning: {where} was saved by an older version; {', '.join('--' + k for k in missing)} take "
+              "their current values", file=sys.stderr)
 
 
 def open_run(args, given: set[str], runtime_keys: tuple, rank: int = 0) -> dict | None:
