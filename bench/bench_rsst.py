@@ -175,6 +175,11 @@ def table(group: str, items: list, states: int) -> list[str]:
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) +
                      f" | {max(ratios):.2g} | {max(gaps):+.2f} |" if ratios else
                      f"| {name} | {len(runs)} | " + " | ".join(cells) + " | - | - |")
+    if "Refill" in by_method and "RSST calibrated" in by_method:
+        means = {m: [statistics.mean(r[k]["final_test_acc"] for r in by_method[m]) for k in range(states)]
+                 for m in ("Refill", "RSST calibrated")}
+        diff = [f"{c - r:+.2f}" for c, r in zip(means["RSST calibrated"], means["Refill"])]
+        lines.append("| RSST calibrated - Refill (means) | | " + " | ".join(diff) + " | | |")
     return lines
 
 
@@ -185,6 +190,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_rsst"))
     p.add_argument("--no_record", action="store_true", help="print the tables, do not append them to RESULTS.md")
+    p.add_argument("--report", action="store_true", help="start no run: tables of the finished ones only")
     a = p.parse_args()
     items, states_of = [], {}
     for group in a.groups:
@@ -192,7 +198,7 @@ def main() -> int:
         for item in runs_of(group, a.seeds, a.out):
             states_of[item["save"]] = states
             items.append((group, item))
-    walls = run_all([it for _, it in items], a.jobs, states_of)
+    walls = {} if a.report else run_all([it for _, it in items], a.jobs, states_of)
     for group in a.groups:
         group_items = [it for g, it in items if g == group]
         states = states_of[group_items[0]["save"]]
