@@ -1,10 +1,11 @@
 """Latency of a compact vit_tiny against its masked (dense-shaped) original at batch 64: one of
-three heads and half the MLP neurons removed in every block. The MAC ratio (~1.78x) is the
-ceiling; target >= 1.6x measured on CPU.
+three heads and half the MLP neurons removed in every block. The MAC ratio (printed) is the
+ceiling; target: a measured CPU speedup >= 0.9x that ceiling (the earlier fixed 1.6x was 0.9 of the
+12-block tiny's 1.78x; the 9-block, MLP x2 tiny's ceiling is 1.69x).
 
     python bench/bench_export.py [--device cpu|cuda] [--repeats 10] [--threads N] [--record]
 
-The masks are built directly (no training): head 2 and MLP neurons 384..767 of every block.
+The masks are built directly (no training): head 2 and the upper half of the MLP neurons of every block.
 The export path is export.py's own (masked model -> compact state -> rebuilt model), and the
 equivalence check runs first.
 """
@@ -21,7 +22,7 @@ import export  # noqa: E402  (common puts the repository root on sys.path)
 import pruning_utils as pu  # noqa: E402
 from models import create_model  # noqa: E402
 
-TARGET = 1.6
+TARGET = 0.9  # of the MAC ratio
 
 
 def head_mlp_checkpoint() -> dict:
@@ -60,10 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     key = f"{a.device} b{a.batch} ms"
     mac_ratio = rows[0]["macs"] / rows[1]["macs"]
     speedup = rows[0][key] / rows[1][key]
+    target = TARGET * mac_ratio
+    c, m = compact.blocks[0], masked.blocks[0]
+    kept = (f"{c.attn.num_heads}/{m.attn.num_heads} heads and {c.mlp.fc1.out_features}/"
+            f"{m.mlp.fc1.out_features} MLP neurons")
     lines = ["```", export.format_table(rows), "```",
-             f"\nvit_tiny, 2/3 heads and 384/768 MLP neurons kept per block; max |diff| {diff:.1e}. "
+             f"\nvit_tiny, {kept} kept per block; max |diff| {diff:.1e}. "
              f"MAC ratio (ceiling) {mac_ratio:.2f}x; measured {speedup:.2f}x at batch {a.batch} on "
-             f"{a.device} (target >= {TARGET:g}x: {'met' if speedup >= TARGET else 'MISSED'})."]
+             f"{a.device} (target >= {TARGET:g} x ceiling = {target:.2f}x: {'met' if speedup >= target else 'MISSED'})."]
     print("\n".join(lines), flush=True)
     if a.record:
         record(f"Export speedup, vit_tiny ({a.device})", "python bench/bench_export.py " + shlex.join(sys.argv[1:]),

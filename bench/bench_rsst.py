@@ -8,7 +8,7 @@ checkpoint with their own flags written into the saved config) and `--resume` fr
 At the end it appends mean +- std of each state's ticket accuracy (and RSST's norm ratio and
 soft - hard gap at removal) to bench/RESULTS.md and draws compare.py pictures of seed 1.
 
-    python bench/bench_rsst.py [--groups res20s vit ablation] [--seeds 1 2 3] [--jobs 2]
+    python bench/bench_rsst.py [--groups res20s vit ablation] [--seeds 1 2 3] [--methods NAME ...] [--jobs 2]
 """
 from __future__ import annotations
 
@@ -187,6 +187,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--methods", nargs="+", help="only these methods (names as in the tables); default all")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_rsst"))
     p.add_argument("--no_record", action="store_true", help="print the tables, do not append them to RESULTS.md")
@@ -196,6 +197,8 @@ def main() -> int:
     for group in a.groups:
         states = int(GROUPS[group]["flags"][GROUPS[group]["flags"].index("--pruning_times") + 1])
         for item in runs_of(group, a.seeds, a.out):
+            if a.methods and item["method"] not in a.methods:
+                continue
             states_of[item["save"]] = states
             items.append((group, item))
     walls = {} if a.report else run_all([it for _, it in items], a.jobs, states_of)
