@@ -3,7 +3,8 @@ regroup (vit_small: heads + MLP neurons, magnitude; res56s: conv channels, magni
 the one-pass floor of magnitude pruning: read every weight once and compare it with a known
 threshold (`|w| >= t` per layer). Targets for vit_small (21M prunable weights): each step under
 1 s; global pruning within 2x of the floor. Peak memory: the extra resident memory of one global
-pruning call, measured in a fresh process (ru_maxrss), against the weights' own size.
+pruning call in a fresh process (peak resident VmHWM, reset just before the call, minus the
+resident memory then, freed heap pages trimmed first), against the weights' own size.
 
     python bench/bench_pruning.py [--repeats 5] [--threads N] [--record]
 
@@ -87,21 +88,25 @@ def bench_arch(arch: str, repeats: int) -> list[tuple[str, int, float, str]]:
 
 
 PEAK = """
-import gc, resource, sys, torch
+import ctypes, gc, sys, torch
 sys.path.insert(0, {root!r})
 import pruning_utils as pu
 from models import create_model
 torch.set_num_threads(1)
-with torch.device("meta"):  # shapes only: nothing allocated, so the peak below is the pruning's
+with torch.device("meta"):  # shapes only: nothing allocated
     shapes = {{n: w.shape for n, w in pu.prunable_weights(create_model({arch!r}, 100, 32)).items()}}
-weights = {{n: torch.randn(s) for n, s in shapes.items()}}
-alive = {{n: torch.rand(s) < 0.8 for n, s in shapes.items()}}
+# filled in place: no full-size temporaries whose freed pages the pruning could reuse unseen
+weights = {{n: torch.empty(s).normal_() for n, s in shapes.items()}}
+alive = {{n: torch.empty(s, dtype=torch.bool).bernoulli_(0.8) for n, s in shapes.items()}}
 keep = pu.imp_keep_count(pu.count_ones(alive), 0.2, 1)
 gc.collect()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ctypes.CDLL(None).malloc_trim(0)  # freed heap pages back to the OS: resident = live now
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+open("/proc/self/clear_refs", "w").write("5")  # reset this process's peak (ru_maxrss would carry the parent's)
+before = kib("VmRSS")
 pu.global_magnitude_prune(weights, alive, keep)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) * 1024, sum(w.numel() * w.element_size() for w in weights.values()))
+print((kib("VmHWM") - before) * 1024, sum(w.numel() * w.element_size() for w in weights.values()))
 """
 
 
