@@ -50,6 +50,7 @@ GROUPS = {
                     "reg_end 0.7": ["--struct", "rsst", "--reg_end", "0.7"]},
         "seeds": [1],
         "base": "res20s",
+        "shared": {"reg_end 0.5": "RSST calibrated"},  # rows that are runs of the base group
     },
 }
 
@@ -74,6 +75,9 @@ def runs_of(group: str, seeds: list[int], out: str) -> list[dict]:
             cmd = ["main_imp_fillback.py", *spec["flags"], *flags, *COMMON, "--seed", str(seed), "--save_dir", save]
             base = None if (group == base_group and name == first) else run_dir(out, base_group, first, seed)
             items.append({"method": name, "seed": seed, "save": save, "cmd": cmd, "base": base})
+        for name, same in spec.get("shared", {}).items():
+            item = next(it for it in runs_of(base_group, [seed], out) if it["method"] == same)
+            items.insert(len(items) - len(spec["methods"]) + 1, {**item, "method": name})
     return items
 
 
@@ -121,7 +125,7 @@ def ready(item: dict) -> bool:
 def run_all(items: list[dict], jobs: int, states_of: dict) -> dict[str, float]:
     """Run the unfinished ones, `jobs` at a time (a clone once its base has state 0); returns
     wall seconds per save dir."""
-    todo = [it for it in items if not finished(it["save"], states_of[it["save"]])]
+    todo = list({it["save"]: it for it in items if not finished(it["save"], states_of[it["save"]])}.values())
     running, walls = [], {}
     while todo or running:
         for item in [it for it in todo if ready(it)][: max(0, jobs - len(running))]:
@@ -217,7 +221,8 @@ def main() -> int:
         print("\n".join(lines))
         if not a.no_record:
             record(f"RSST vs Refill on digits: {group}", "python bench/bench_rsst.py --groups " + group, lines)
-        seed1 = [it["save"] for it in group_items if it["seed"] == 1 and finished(it["save"], states)]
+        seed1 = [os.path.relpath(it["save"], ROOT) for it in group_items  # no machine paths in results/
+                 if it["seed"] == 1 and finished(it["save"], states)]
         if len(seed1) > 1:
             subprocess.run([sys.executable, "compare.py", *seed1, "--out", os.path.join("results", f"digits_{group}")],
                            cwd=ROOT, check=False)
