@@ -51,16 +51,17 @@ def flat_one_pass_floor(weights: dict, thr: float) -> torch.Tensor:
     return torch.cat([w.detach().reshape(-1) for w in weights.values()]).abs_() >= thr
 
 
-def interleaved(a, b, repeats: int) -> tuple[float, float]:
-    """Fastest seconds of `a` and of `b`, timed in turns (a load spike hits both alike)."""
-    ta, tb = [], []
-    a(), b()
+def interleaved(fns, repeats: int) -> list[float]:
+    """Fastest seconds of each function, timed in turns (a load spike hits all alike)."""
+    times = [[] for _ in fns]
+    for fn in fns:
+        fn()
     for _ in range(repeats):
-        for fn, times in ((a, ta), (b, tb)):
+        for fn, ts in zip(fns, times):
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-    return min(ta), min(tb)
+            ts.append(time.perf_counter() - t0)
+    return [min(ts) for ts in times]
 
 
 def bench_arch(arch: str, repeats: int) -> list[tuple[str, int, float, str]]:
@@ -75,10 +76,9 @@ def bench_arch(arch: str, repeats: int) -> list[tuple[str, int, float, str]]:
     keep2 = pu.imp_keep_count(total, 0.2, 2)
     groups = vit_unit_groups(model, "both") if arch.startswith("vit") else pu.channel_groups(model)
     kind = "heads + MLP neurons" if arch.startswith("vit") else "channels"
-    prune_s, floor_s = interleaved(lambda: pu.global_magnitude_prune(weights, imp, keep2),
-                                   lambda: one_pass_floor(weights, 0.01), repeats)
-    _, flat_s = interleaved(lambda: pu.global_magnitude_prune(weights, imp, keep2),
-                            lambda: flat_one_pass_floor(weights, 0.01), repeats)
+    prune_s, floor_s, flat_s = interleaved([lambda: pu.global_magnitude_prune(weights, imp, keep2),
+                                            lambda: one_pass_floor(weights, 0.01),
+                                            lambda: flat_one_pass_floor(weights, 0.01)], repeats)
     regroup_s = median_seconds(lambda: pu.regroup(groups, weights, imp, "magnitude"), 1, repeats)
     return [(f"{arch} global magnitude prune (inside a mask)", total, prune_s,
              f"{prune_s / flat_s:.2f}x the flat floor, {prune_s / floor_s:.2f}x the per-layer floor"),

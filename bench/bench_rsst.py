@@ -130,11 +130,10 @@ def ready(item: dict) -> bool:
     return item["base"] is None or os.path.isfile(os.path.join(item["base"], "0checkpoint.pth.tar"))
 
 
-def run_all(items: list[dict], jobs: int, states_of: dict) -> dict[str, float]:
-    """Run the unfinished ones, `jobs` at a time (a clone once its base has state 0); returns
-    wall seconds per save dir."""
+def run_all(items: list[dict], jobs: int, states_of: dict) -> None:
+    """Run the unfinished ones, `jobs` at a time (a clone once its base has state 0)."""
     todo = list({it["save"]: it for it in items if not finished(it["save"], states_of[it["save"]])}.values())
-    running, walls = [], {}
+    running = []
     while todo or running:
         for item in [it for it in todo if ready(it)][: max(0, jobs - len(running))]:
             todo.remove(item)
@@ -148,11 +147,9 @@ def run_all(items: list[dict], jobs: int, states_of: dict) -> dict[str, float]:
             if proc.poll() is not None:
                 running.remove(entry)
                 log.close()
-                walls[save] = time.time() - t0
-                print(f"finished {save}: exit {proc.returncode}, {walls[save]:.0f} s", flush=True)
+                print(f"finished {save}: exit {proc.returncode}, {time.time() - t0:.0f} s", flush=True)
         if todo and not running and not any(ready(it) for it in todo):
             raise SystemExit("a base run failed before its state 0: see its .log")
-    return walls
 
 
 def mean_std(values: list[float]) -> str:
