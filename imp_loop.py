@@ -187,7 +187,15 @@ class IMPRun:
                                  a.RST_schedule, a.exponents, a.reg_target, a.reg_end)
         extra = norm_penalty(self.groups, self.modules, self.ticket.penalty)
         return RSSTPenalty(self.weights, self.ticket.penalty, a.lr, self.plan.strength, a.RST_schedule,
-                           a.exponents, self.plan.end_step, step, extra, last_lambda)
+                           a.exponents, self.plan.end_step, step, extra, last_lambda, self.scale_updates)
+
+    @property
+    def scale_updates(self) -> bool:
+        """--reg_scale_updates: auto means on for AdamW in calibrated mode (rsst.py says why)."""
+        a = self.args
+        if a.reg_scale_updates == "auto":
+            return a.reg_mode == "calibrated" and a.optimizer == "adamw"
+        return a.reg_scale_updates == "on"
 
     def train_state(self, state: int, start_epoch: int, ck: dict | None) -> dict:
         """Train `state` from `start_epoch`; `ck` restores a state interrupted mid-way."""
@@ -207,7 +215,7 @@ class IMPRun:
             partial = ck.get("partial")
         elif pen.active:
             for line in describe_plan(self.plan, a.reg_mode, a.reg_target, a.reg_granularity_prune,
-                                      self.steps_per_epoch * a.epochs):
+                                      self.steps_per_epoch * a.epochs, self.scale_updates):
                 self.say(f"state {state:2d} {line}")
         log_every = max(1, pen.end_step // 200)
         scaler = grad_scaler(self.amp)

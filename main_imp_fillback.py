@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reg_end", type=finite, default=0.5, help="calibrated: fraction of the state where P is removed")
     g.add_argument("--RST_schedule", default="exp_custom_exponents", choices=SCHEDULES, help="lambda curve")
     g.add_argument("--exponents", type=finite, default=4, help="n of exp_custom_exponents")
+    g.add_argument("--reg_scale_updates", default="auto", choices=["auto", "on", "off"],
+                   help="scale the optimizer's steps on P by the planned norm fraction rho(t); auto: on for "
+                        "AdamW in calibrated mode (Adam's normalized steps otherwise hold P at ~lr / (lr0 lambda))")
     g = p.add_argument_group("ViT")
     g.add_argument("--vit_structured", action="store_true", help="head/neuron-level quasi-structured regroup")
     g.add_argument("--vit_prune_target", default=None, choices=VIT_TARGETS,

@@ -9,6 +9,14 @@ weight decay; `lr0` is the base learning rate, so a decaying schedule cannot can
   multiplied by `--reg_granularity_prune`. The loop removes P at t_end and trains on under R.
 - raw (the seed's meaning): G = `--reg_granularity_prune`, t_end = T; removal at the state end.
 
+Scaled updates (`--reg_scale_updates`, default on for AdamW in calibrated mode): the optimizer's
+own step on P is multiplied by the planned remaining norm `rho(t) = prod_{tau < t} (1 - lr0 *
+lambda(tau))`. Adam normalizes gradients, so a fading weight still gets steps of about lr in
+size, which hold it at ~lr / (lr0 * lambda) however small its gradient gets (SGD's steps shrink
+with the gradient, which fades with the unit). With the scaling, P's weights are exactly
+`rho(t) * z(t)`, where z follows the optimizer's steps unpenalized: the measured norm ratio at
+removal is the target times the growth of z, whatever the optimizer and the state length.
+
 `lr0 * lambda` is clamped to MAX_SHRINK, so one step never zeroes or flips a weight.
 """
 from __future__ import annotations
@@ -93,11 +101,13 @@ def plan_penalty(mode: str, total_steps: int, lr0: float, g: float, schedule: st
     return PenaltyPlan(strength, end, pure_decay_ratio(end, lr0, strength, schedule, exponents), clamped)
 
 
-def describe_plan(plan: PenaltyPlan, mode: str, target: float, g: float, total_steps: int) -> list[str]:
+def describe_plan(plan: PenaltyPlan, mode: str, target: float, g: float, total_steps: int,
+                  scale_updates: bool = False) -> list[str]:
     """The lines a state prints about its penalty before training (and its warnings)."""
     lines = [f"RSST ({mode}): lambda grows to {plan.strength:.4g} over steps 0-{plan.end_step} of {total_steps}, "
              f"then P is removed; predicted pure-decay norm ratio {plan.predicted_ratio:.3g}"
-             + (f" (target {target:g})" if mode == "calibrated" else "")]
+             + (f" (target {target:g})" if mode == "calibrated" else "")
+             + ("; optimizer steps on P scaled by the planned norm" if scale_updates else "")]
     if plan.clamped:
         lines.append(f"warning: lr0 * lambda reaches 1 with --reg_granularity_prune {g:g}; clamped to {MAX_SHRINK} per step")
     if mode == "raw" and plan.predicted_ratio > 0.01:
@@ -112,12 +122,16 @@ class RSSTPenalty:
     lambda ramps over the first `end_step` optimizer steps; `step()` does nothing after that
     (`done`), when the loop removes P. `extra` holds (tensor, 0/1 mask) pairs penalized the same
     way but not counted as pruned weights: the BatchNorm scale and shift of the CNN channels
-    being dropped (see `norm_penalty`).
+    being dropped (see `norm_penalty`). With `scale_updates`, `step()` also scales the optimizer
+    step taken since the previous call by rho(t) on the penalized entries; it keeps a copy of the
+    penalized tensors for that (taken at construction: build the penalty on the weights the next
+    optimizer step starts from).
     """
 
     def __init__(self, weights: dict[str, torch.Tensor], penalty_masks: dict[str, torch.Tensor],
                  lr0: float, strength: float, schedule: str, exponents: float, end_step: int,
-                 step: int = 0, extra: list[tuple[torch.Tensor, torch.Tensor]] = (), last_lambda: float = 0.0):
+                 step: int = 0, extra: list[tuple[torch.Tensor, torch.Tensor]] = (), last_lambda: float = 0.0,
+                 scale_updates: bool = False):
         names = [n for n, p in penalty_masks.items() if bool(p.any())]
         self.weights = [weights[n] for n in names]
         self.masks = [mask_like(penalty_masks[n], weights[n]) for n in names]
@@ -128,6 +142,12 @@ class RSSTPenalty:
         self.lr0, self.strength, self.schedule = lr0, strength, schedule
         self.exponents, self.end_step, self.step_count = exponents, end_step, step
         self.last_lambda = last_lambda
+        self.prev = None
+        if scale_updates and self.weights:
+            # rho[t] = planned norm fraction before step t; exact and the same after a resume
+            decay = 1.0 - shrink_factors(end_step, lr0, strength, schedule, exponents)
+            self.rho = np.concatenate([[1.0], np.cumprod(decay)])
+            self.prev = [w.detach().clone() for w in self.weights]
 
     @property
     def active(self) -> bool:
@@ -148,9 +168,15 @@ class RSSTPenalty:
         if self.done:
             return 0.0
         lam = self.current_lambda()
+        if self.prev is not None:
+            # w <- w - (1 - rho) * P * (w - w_prev): the optimizer's step on P, times rho(t)
+            torch._foreach_sub_(self.prev, self.weights)
+            torch._foreach_addcmul_(self.weights, self.prev, self.masks, value=1.0 - float(self.rho[self.step_count]))
         if self.weights:
             # w <- w - lr0 * lam * (w * P), fused over all penalized weights
             torch._foreach_addcmul_(self.weights, self.weights, self.masks, value=-min(self.lr0 * lam, MAX_SHRINK))
+        if self.prev is not None:
+            torch._foreach_copy_(self.prev, self.weights)
         self.step_count += 1
         self.last_lambda = lam
         return lam
@@ -158,6 +184,7 @@ class RSSTPenalty:
     @torch.no_grad()
     def remove(self) -> None:
         """Zero everything under the penalty (P and its BN entries)."""
+        self.prev = None
         if self.weights:
             torch._foreach_mul_(self.weights, [1 - m for m in self.masks])
 

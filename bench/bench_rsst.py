@@ -28,37 +28,39 @@ from common import ROOT, apply_threads, record
 
 import main_imp_fillback as mif  # noqa: E402  (common puts the repository root on sys.path)
 
-COMMON = ["--dataset", "digits", "--batch_size", "64", "--threads", "1", "--wandb", "disabled"]
+COMMON = ["--dataset", "digits", "--threads", "1", "--wandb", "disabled"]
+CNN = ["--arch", "res20s", "--rate", "0.2", "--pruning_times", "5", "--epochs", "15", "--batch_size", "64"]
+VIT = ["--arch", "vit_tiny", "--vit_structured", "--vit_prune_target", "both", "--rate", "0.3", "--pruning_times", "3",
+       "--epochs", "30", "--augment", "light", "--batch_size", "32"]
 GROUPS = {
     "res20s": {
-        "flags": ["--arch", "res20s", "--rate", "0.2", "--pruning_times", "5", "--epochs", "15"],
+        "flags": CNN,
         "methods": {"IMP unstructured": ["--struct", "rsst", "--unstructured"],
                     "Refill": ["--struct", "refill"],
                     "RSST calibrated": ["--struct", "rsst"],
                     "RSST raw": ["--struct", "rsst", "--reg_mode", "raw"]},
     },
     "vit": {
-        "flags": ["--arch", "vit_tiny", "--vit_structured", "--vit_prune_target", "both", "--rate", "0.3",
-                  "--pruning_times", "3", "--epochs", "30", "--augment", "light"],
+        "flags": VIT,
         "methods": {"Refill": ["--struct", "refill"],
                     "RSST calibrated": ["--struct", "rsst"],
                     "RSST raw": ["--struct", "rsst", "--reg_mode", "raw"]},
     },
     "ablation": {  # --reg_end on res20s RSST calibrated, seed 1 (0.5 is the res20s group's run)
-        "flags": ["--arch", "res20s", "--rate", "0.2", "--pruning_times", "5", "--epochs", "15"],
+        "flags": CNN,
         "methods": {"reg_end 0.3": ["--struct", "rsst", "--reg_end", "0.3"],
                     "reg_end 0.7": ["--struct", "rsst", "--reg_end", "0.7"]},
         "seeds": [1],
         "base": "res20s",
         "shared": {"reg_end 0.5": "RSST calibrated"},  # rows that are runs of the base group
     },
-    "vit_ablation": {  # --reg_end 0.3 on the vit group's RSST calibrated, seed 1
-        "flags": ["--arch", "vit_tiny", "--vit_structured", "--vit_prune_target", "both", "--rate", "0.3",
-                  "--pruning_times", "3", "--epochs", "30", "--augment", "light"],
-        "methods": {"reg_end 0.3": ["--struct", "rsst", "--reg_end", "0.3"]},
+    "vit_ablation": {  # unscaled optimizer steps on P, and --reg_end 0.3, against the vit group's RSST, seed 1
+        "flags": VIT,
+        "methods": {"unscaled updates": ["--struct", "rsst", "--reg_scale_updates", "off"],
+                    "reg_end 0.3": ["--struct", "rsst", "--reg_end", "0.3"]},
         "seeds": [1],
         "base": "vit",
-        "shared": {"reg_end 0.5": "RSST calibrated"},
+        "shared": {"scaled updates, reg_end 0.5": "RSST calibrated"},
     },
 }
 

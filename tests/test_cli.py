@@ -135,6 +135,19 @@ def test_rsst_calibrated_removes_at_reg_end_then_recovers(run_main):
     assert "optimizer" not in best  # weights and mask only
 
 
+@pytest.mark.parametrize("arch, mode, scaled", [("vit_tiny", "auto", True), ("vit_tiny", "off", False),
+                                               ("res20s", "auto", False), ("res20s", "on", True)])
+def test_reg_scale_updates_auto_is_on_for_adamw_only(tmp_path, capsys, arch, mode, scaled):
+    rc = mif.main(["--dataset", "synthetic", "--synthetic_size", "96", "--batch_size", "32", "--device", "cpu",
+                   "--arch", arch, "--pruning_times", "2", "--epochs", "1", "--reg_scale_updates", mode,
+                   "--save_dir", str(tmp_path / "run"), "--wandb", "disabled",
+                   *(["--vit_structured"] if arch == "vit_tiny" else [])])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "RSST (calibrated)" in out
+    assert ("optimizer steps on P scaled by the planned norm" in out) == scaled
+
+
 def test_dropped_channels_bn_entries_are_zero_after_rewind_and_steps(run_main):
     rc, d, _ = run_main("--arch", "res20s", "--struct", "refill", "--pruning_times", "2", "--epochs", "1")
     assert rc == 0

@@ -241,3 +241,115 @@ def test_raw_mode_reproduces_the_previous_lambda(schedule):
     assert lams == [pytest.approx(expected_lambda(t, total, g, schedule, 4), rel=1e-12) for t in range(total)]
     # the seed's CIFAR-100 ViT state: 28,080 steps at lr0 1e-3 keep ~1.2 % of the norm by pure decay
     assert rsst.pure_decay_ratio(28080, 1e-3, 1.0, "exp_custom_exponents", 4) == pytest.approx(0.012, abs=0.002)
+
+
+# ---------------------------------------------------------------------- scaled updates
+def fake_optimizer_step(weights: dict, t: int, signs: dict) -> None:
+    """A stand-in for Adam: steps of fixed size that push each weight back toward the sign it
+    started with (the loss wants the unit back), plus an alternating part; their size does not
+    shrink with the weight, as Adam's normalized steps do not."""
+    for n, w in weights.items():
+        w.add_(1e-2 * signs[n] + 3e-3 * (-1) ** t * torch.cos(torch.arange(w.numel(), dtype=w.dtype)).view_as(w))
+
+
+@pytest.mark.parametrize("schedule", ["x", "exp_custom_exponents"])
+def test_scaled_updates_keep_p_at_rho_times_the_unpenalized_trajectory(schedule):
+    """With scale_updates, P's weights are exactly rho(t) * z(t), z the weights with the same
+    optimizer steps and no penalty; the other weights take the optimizer's steps unchanged."""
+    weights, penalty = make_case(seed=2)
+    weights = {n: w.double() for n, w in weights.items()}
+    penalty = {n: p.double() for n, p in penalty.items()}
+    z = {n: w.clone() for n, w in weights.items()}
+    signs = {n: w.sign() for n, w in weights.items()}
+    end, lr0 = 30, 1e-3
+    g = rsst.calibrate_strength(end, lr0, 1e-3, schedule, 4)
+    pen = rsst.RSSTPenalty(weights, penalty, lr0, g, schedule, 4, end, scale_updates=True)
+    for t in range(end):
+        fake_optimizer_step(weights, t, signs)
+        fake_optimizer_step(z, t, signs)
+        pen.step()
+        rho = float(pen.rho[t + 1])
+        for n in weights:
+            p = penalty[n] > 0
+            assert torch.allclose(weights[n][p], rho * z[n][p], rtol=1e-9, atol=1e-15), (n, t)
+            assert torch.equal(weights[n][~p], z[n][~p]), (n, t)
+    assert float(pen.rho[end]) == pytest.approx(1e-3, rel=1e-6)
+    ratio = pen.penalized_norm() / math.sqrt(sum(float((z[n] * penalty[n]).pow(2).sum()) for n in z))
+    assert ratio == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_without_scaled_updates_fixed_size_steps_hold_p_far_above_the_target():
+    """What scale_updates is for: with steps of constant size, the plain decay stalls."""
+    ratios = {}
+    for scaled in (False, True):
+        weights, penalty = make_case(seed=2)
+        signs = {n: w.sign() for n, w in weights.items()}
+        start = math.sqrt(sum(float((w * penalty[n]).pow(2).sum()) for n, w in weights.items()))
+        end, lr0 = 200, 1e-3
+        g = rsst.calibrate_strength(end, lr0, 1e-3, "exp_custom_exponents", 4)
+        pen = rsst.RSSTPenalty(weights, penalty, lr0, g, "exp_custom_exponents", 4, end, scale_updates=scaled)
+        for t in range(end):
+            fake_optimizer_step(weights, t, signs)
+            pen.step()
+        ratios[scaled] = pen.penalized_norm() / start
+    assert ratios[False] > 0.01 and ratios[True] < 0.01
+
+
+def test_scaled_updates_resume_exactly_from_a_later_step():
+    """A penalty rebuilt at step k on the weights of step k (a resume) continues bit for bit."""
+    weights, penalty = make_case(seed=3)
+    copy = {n: w.clone() for n, w in weights.items()}
+    signs = {n: w.sign() for n, w in weights.items()}
+    args = (0.1, 0.5, "exp", 4, 20)
+    pen = rsst.RSSTPenalty(weights, penalty, *args, scale_updates=True)
+    for t in range(20):
+        if t == 7:  # the resumed run starts here from the saved weights
+            resumed_w = {n: w.clone() for n, w in weights.items()}
+            resumed = rsst.RSSTPenalty(resumed_w, penalty, *args, step=7, scale_updates=True)
+        fake_optimizer_step(weights, t, signs)
+        pen.step()
+        if t >= 7:
+            fake_optimizer_step(resumed_w, t, signs)
+            resumed.step()
+    assert all(torch.equal(weights[n], resumed_w[n]) for n in weights)
+    assert not torch.equal(weights["a"], copy["a"])
+
+
+def test_scaled_updates_change_nothing_without_optimizer_steps():
+    out = []
+    for scaled in (False, True):
+        weights, penalty = make_case(seed=4)
+        pen = rsst.RSSTPenalty(weights, penalty, 0.1, 2.0, "x^2", 4, 15, scale_updates=scaled)
+        for _ in range(15):
+            pen.step()
+        out.append(weights)
+    assert all(torch.equal(out[0][n], out[1][n]) for n in out[0])
+
+
+def test_scaled_updates_beat_a_real_adamw_that_pushes_back():
+    """A real AdamW on a regression whose target needs the penalized inputs: unscaled, its
+    normalized steps hold P at ~lr / (lr0 lambda), far above the target; scaled, P ends at the
+    target times the growth of its unpenalized trajectory."""
+    ratios = {}
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        x = torch.randn(256, 16)
+        y = x @ torch.randn(16, 1)
+        w = torch.nn.Parameter(0.1 * torch.randn(1, 16))
+        penalty = torch.zeros(1, 16)
+        penalty[0, :6] = 1.0  # six inputs the regroup drops; the loss still wants them
+        opt = torch.optim.AdamW([w], lr=1e-3, weight_decay=0.05)
+        end = 400
+        g = rsst.calibrate_strength(end, 1e-3, 1e-3, "exp_custom_exponents", 4)
+        pen = rsst.RSSTPenalty({"w": w}, {"w": penalty}, 1e-3, g, "exp_custom_exponents", 4, end,
+                               scale_updates=scaled)
+        start = pen.penalized_norm()
+        for t in range(end):
+            i = torch.randint(0, 256, (32,))
+            loss = ((x[i] @ w.t() - y[i]) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            pen.step()
+        ratios[scaled] = pen.penalized_norm() / start
+    assert ratios[False] > 3e-2 and ratios[True] < 1e-2 and ratios[True] < ratios[False] / 10, ratios
