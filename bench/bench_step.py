@@ -1,6 +1,6 @@
 """One CPU training step of vit_tiny at batch 64 (AdamW, cross entropy): dense, under a 50 % mask
 (pruning_utils.apply_masks after the step), and under the mask with the RSST penalty active
-(rsst.RSSTPenalty.step on a nonempty P, then apply_masks). Target: masked + RSST within 5 % of
+(rsst.RSSTPenalty.step on a nonempty P with AdamW's default scaled updates, then apply_masks). Target: masked + RSST within 5 % of
 dense.
 
     python bench/bench_step.py [--steps 5] [--warmup 2] [--batch 64] [--threads N] [--record]
@@ -52,7 +52,7 @@ class Variant:
         self.weights = pu.prunable_weights(self.model)
         self.masks = masks
         self.pen = None if penalty is None else RSSTPenalty(self.weights, penalty, 1e-3, 1.0,
-                                                             "exp_custom_exponents", 4, 10_000)
+                                                             "exp_custom_exponents", 4, 10_000, scale_updates=True)
         if masks is not None:
             pu.apply_masks(self.weights, masks)
 
