@@ -204,7 +204,7 @@ class IMPRun:
         sched = build_scheduler(opt, self.steps_per_epoch, a.epochs, a.warmup, a.lr_schedule,
                                 parse_milestones(a.decreasing_lr))
         pen = self.new_penalty()
-        st = {"history": [], "best": {"val_acc": -1.0}, "trace": {"step": [], "lambda": [], "norm": []},
+        st = {"history": [], "best": {"val_acc": -1.0}, "trace": {"step": [], "lambda": [], "norm": [], "planned": []},
               "start_norm": pen.penalized_norm(), "elapsed": 0.0, "removal": None}
         partial = None
         if ck is not None:
@@ -274,8 +274,9 @@ class IMPRun:
 
     def _trace(self, state: int, pen: RSSTPenalty, st: dict) -> None:
         ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
-        for key, v in (("step", pen.step_count), ("lambda", pen.last_lambda), ("norm", ratio)):
-            st["trace"][key].append(v)
+        for key, v in (("step", pen.step_count), ("lambda", pen.last_lambda), ("norm", ratio),
+                       ("planned", pen.planned_ratio())):
+            st["trace"].setdefault(key, []).append(v)
         self.logger.log({"global_step": self.global_step, "state": state, "reg_lambda": pen.last_lambda,
                          "penalized_norm_ratio": ratio})
 

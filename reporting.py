@@ -113,14 +113,16 @@ def _fit(title: str, width: int = 70) -> str:
 
 
 def plot_lambda(path: str, steps: list[int], lambdas: list[float], norms: list[float], title: str,
-                removal_step: int | None = None) -> None:
+                removal_step: int | None = None, planned: list[float] | None = None) -> None:
     """RSST: lambda (left) and the penalized weights' norm ratio (right, log scale) over the
-    state's optimizer steps, with the removal step marked."""
+    state's optimizer steps, beside the planned pure decay, with the removal step marked."""
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     a.plot(steps, lambdas, color="tab:red")
     a.set(xlabel="optimizer step in state", ylabel="reg_lambda", title="penalty strength")
-    b.plot(steps, [max(n, 1e-12) for n in norms], color="tab:blue")
+    b.plot(steps, [max(n, 1e-12) for n in norms], color="tab:blue", label="measured")
+    if planned and len(planned) == len(steps):
+        b.plot(steps, [max(n, 1e-12) for n in planned], color="tab:blue", ls=":", label="pure decay (planned)")
     b.set(xlabel="optimizer step in state", ylabel="||w_P|| / ||w_P at start||", yscale="log",
           title="penalized norm ratio", ylim=(min(min(norms, default=1.0), 1e-3) / 2, 2.0))
     _plain_ticks(a, b)
@@ -128,6 +130,7 @@ def plot_lambda(path: str, steps: list[int], lambdas: list[float], norms: list[f
         for ax in (a, b):
             ax.axvline(removal_step, color="gray", ls="--", label=f"removal (step {removal_step})")
         a.legend(loc="upper left", fontsize=8)
+    b.legend(loc="lower left", fontsize=8)
     fig.suptitle(_fit(title))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -140,7 +143,8 @@ def plot_state_progress(save_dir: str, state: int, progress: dict, run_name: str
     trace = progress["trace"]
     if trace["step"]:
         plot_lambda(os.path.join(save_dir, f"{state}_lambda.png"), trace["step"], trace["lambda"], trace["norm"],
-                    f"RSST state {state}: {schedule}", (progress.get("removal") or {}).get("step"))
+                    f"RSST state {state}: {schedule}", (progress.get("removal") or {}).get("step"),
+                    trace.get("planned"))
 
 
 def plot_summary(path: str, rows: list[dict], title: str) -> None:

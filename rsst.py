@@ -142,12 +142,10 @@ class RSSTPenalty:
         self.lr0, self.strength, self.schedule = lr0, strength, schedule
         self.exponents, self.end_step, self.step_count = exponents, end_step, step
         self.last_lambda = last_lambda
-        self.prev = None
-        if scale_updates and self.weights:
-            # rho[t] = planned norm fraction before step t; exact and the same after a resume
-            decay = 1.0 - shrink_factors(end_step, lr0, strength, schedule, exponents)
-            self.rho = np.concatenate([[1.0], np.cumprod(decay)])
-            self.prev = [w.detach().clone() for w in self.weights]
+        # rho[t] = the planned (pure-decay) norm fraction before step t; the same after a resume
+        decay = 1.0 - shrink_factors(end_step, lr0, strength, schedule, exponents)
+        self.rho = np.concatenate([[1.0], np.cumprod(decay)])
+        self.prev = [w.detach().clone() for w in self.weights] if scale_updates and self.weights else None
 
     @property
     def active(self) -> bool:
@@ -158,6 +156,10 @@ class RSSTPenalty:
     def done(self) -> bool:
         """The ramp is over: P is due for removal (or was removed)."""
         return self.step_count >= self.end_step
+
+    def planned_ratio(self) -> float:
+        """What the penalty alone would have left of P's norm by now: rho(t)."""
+        return float(self.rho[min(self.step_count, self.end_step)])
 
     def current_lambda(self) -> float:
         return reg_lambda(self.step_count, self.end_step, self.strength, self.schedule, self.exponents)

@@ -124,6 +124,9 @@ def test_rsst_calibrated_removes_at_reg_end_then_recovers(run_main):
     assert removal["step"] == round(0.5 * steps) == 6
     assert ck["state_progress"]["trace"]["step"][-1] == 6  # the penalty stopped at the removal
     assert removal["norm_ratio"] < 1e-2
+    trace = ck["state_progress"]["trace"]
+    assert len(trace["planned"]) == len(trace["norm"]) and trace["planned"][-1] == pytest.approx(1e-3, rel=1e-3)
+    assert all(b <= a for a, b in zip(trace["planned"], trace["planned"][1:]))
     history = ck["state_progress"]["history"]
     assert [h["reg_lambda"] > 0 for h in history] == [True, False, False, False]  # epoch 2 holds the removal
     assert history[-1]["lr"] > 0 and len(history) == 4  # recovery: epochs 3 and 4 trained under R

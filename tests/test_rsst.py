@@ -190,8 +190,10 @@ def test_calibrated_strength_reaches_the_target_ratio_by_pure_decay(schedule, lr
     weights = {n: w.double() for n, w in weights.items()}
     penalty = {n: p.double() for n, p in penalty.items()}
     pen = rsst.RSSTPenalty(weights, penalty, lr0, g, schedule, 4, end_step)
+    assert pen.planned_ratio() == 1.0
     assert pure_decay(weights, penalty, pen, end_step) == pytest.approx(target, rel=1e-6)
     assert pen.done and pen.last_lambda == pytest.approx(g)
+    assert pen.planned_ratio() == pytest.approx(target, rel=1e-6)  # what the trace plots as planned
 
 
 def test_calibrated_shrink_per_step_is_the_same_for_any_lr0():
