@@ -122,7 +122,7 @@ def plot_lambda(path: str, steps: list[int], lambdas: list[float], norms: list[f
     a.set(xlabel="optimizer step in state", ylabel="reg_lambda", title="penalty strength")
     b.plot(steps, [max(n, 1e-12) for n in norms], color="tab:blue", label="measured")
     if planned and len(planned) == len(steps):
-        b.plot(steps, [max(n, 1e-12) for n in planned], color="tab:blue", ls=":", label="pure decay (planned)")
+        b.plot(steps, [max(n, 1e-12) for n in planned], color="tab:orange", ls=":", lw=2, label="pure decay (planned)")
     b.set(xlabel="optimizer step in state", ylabel="||w_P|| / ||w_P at start||", yscale="log",
           title="penalized norm ratio", ylim=(min(min(norms, default=1.0), 1e-3) / 2, 2.0))
     _plain_ticks(a, b)
