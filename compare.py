@@ -33,6 +33,10 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(message)
 
 
+RSST_DEFAULTS = {"reg_mode": "calibrated", "reg_end": 0.5, "reg_target": 1e-3, "reg_granularity_prune": 1.0,
+                 "RST_schedule": "exp_custom_exponents", "exponents": 4, "reg_scale_updates": "auto"}
+
+
 @dataclass
 class Run:
     """One finished run: its folder, resolved config (args.yaml) and summary rows."""
@@ -60,6 +64,8 @@ class Run:
             parts.append(f"target {c.get('vit_prune_target')}")
         if self.method == "Refill" and c.get("fillback_rate"):
             parts.append(f"fill {c.get('fillback_rate')}")
+        if self.method == "RSST":  # the penalty settings that differ from the defaults
+            parts += [f"{k} {c[k]}" for k, v in RSST_DEFAULTS.items() if k in c and c[k] != v]
         return " ".join(parts)
 
 

@@ -54,13 +54,14 @@ GROUPS = {
         "base": "res20s",
         "shared": {"reg_end 0.5": "RSST calibrated"},  # rows that are runs of the base group
     },
-    "vit_ablation": {  # unscaled optimizer steps on P, and --reg_end 0.3, against the vit group's RSST, seed 1
+    "vit_ablation": {  # unscaled steps on P, a linear lambda, --reg_end 0.3: against the vit group's RSST, seed 1
         "flags": VIT,
         "methods": {"unscaled updates": ["--struct", "rsst", "--reg_scale_updates", "off"],
+                    "schedule x": ["--struct", "rsst", "--RST_schedule", "x"],
                     "reg_end 0.3": ["--struct", "rsst", "--reg_end", "0.3"]},
         "seeds": [1],
         "base": "vit",
-        "shared": {"scaled updates, reg_end 0.5": "RSST calibrated"},
+        "shared": {"RSST calibrated (default)": "RSST calibrated"},
     },
 }
 

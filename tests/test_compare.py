@@ -240,3 +240,15 @@ def test_sweep_scripts_run_the_seed_loops_then_compare(tmp_path, script, values,
         dirs.append(argv[argv.index("--save_dir") + 1])
     assert len(set(dirs)) == len(values) and all(d.startswith(str(tmp_path / "sweep")) for d in dirs)
     assert last.split() == ["compare.py", *dirs, "--out", str(tmp_path / "sweep" / "compare")]
+
+
+def test_rsst_labels_name_the_penalty_settings_that_differ_from_the_defaults():
+    base = {"struct": "rsst", "arch": "vit_tiny", "vit_structured": True, "vit_prune_target": "both",
+            "criteria": "magnitude", "rate": 0.3, **compare.RSST_DEFAULTS}
+    assert compare.Run("a", base, []).label == "RSST magnitude rate 0.3 target both"
+    ablation = {**base, "reg_end": 0.3, "reg_scale_updates": "off", "RST_schedule": "x"}
+    label = compare.Run("b", ablation, []).label
+    assert "reg_end 0.3" in label and "reg_scale_updates off" in label and "RST_schedule x" in label
+    assert "reg_mode" not in label and "exponents" not in label
+    refill = {**ablation, "struct": "refill"}
+    assert "reg_end" not in compare.Run("c", refill, []).label  # Refill has no penalty
