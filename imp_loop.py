@@ -345,9 +345,13 @@ class IMPRun:
         """summary.csv/json and summary.png, the state's curves (and lambda) plots, masks.png."""
         a = self.args
         write_summary(a.save_dir, self.rows)
-        plot_state_progress(a.save_dir, state, st, a.exp_name, f"{a.RST_schedule} ({a.reg_mode})")
+        plot_state_progress(a.save_dir, state, st, a.exp_name, self._penalty_title())
         plot_summary(os.path.join(a.save_dir, "summary.png"), self.rows, a.exp_name)
         plot_masks(os.path.join(a.save_dir, "masks.png"), a.exp_name, self.state_masks, self.report)
+
+    def _penalty_title(self) -> str:
+        a = self.args
+        return f"{a.RST_schedule} ({a.reg_mode}{', scaled steps on P' if self.scale_updates else ''})"
 
     def _rebuild_reports(self) -> None:
         """After a resume: rewrite what a kill may have cut short (summary rows, plots) from the
@@ -359,7 +363,7 @@ class IMPRun:
                 ck = read_checkpoint(os.path.join(a.save_dir, f"{s}checkpoint.pth.tar"))
                 if ck is not None:
                     self._write_reports(s, ck["state_progress"]) if last else \
-                        plot_state_progress(a.save_dir, s, ck["state_progress"], a.exp_name, a.RST_schedule)
+                        plot_state_progress(a.save_dir, s, ck["state_progress"], a.exp_name, self._penalty_title())
 
     def _payload(self, state: int, epoch: int, phase: str, out: dict, partial: dict | None = None,
                  slim: bool = False) -> dict:

@@ -36,8 +36,8 @@ def rsst_masks(model: torch.nn.Module) -> tuple[pu.Masks, pu.Masks, pu.Masks]:
     ones = pu.ones_masks(model)
     imp = pu.global_magnitude_prune(weights, ones, pu.count_total(ones) // 2)
     target, _ = pu.regroup(vit_unit_groups(model, "both"), weights, imp, "magnitude")
-    hard = {n: torch.maximum(target[n], imp[n]) for n in imp}
-    penalty = {n: imp[n] * (1 - target[n]) for n in imp}
+    hard = {n: target[n] | imp[n] for n in imp}
+    penalty = {n: imp[n] & ~target[n] for n in imp}
     return imp, hard, penalty
 
 
