@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -80,7 +81,7 @@ def runs_of(group: str, seeds: list[int], out: str) -> list[dict]:
     base_group = spec.get("base", group)
     first = next(iter(GROUPS[base_group]["methods"]))
     items = []
-    for seed in spec.get("seeds", seeds):  # seed by seed: the first seeds complete first
+    for seed in seeds or spec.get("seeds", [1, 2, 3]):  # seed by seed: the first seeds complete first
         for name, flags in spec["methods"].items():
             save = run_dir(out, group, name, seed)
             cmd = ["main_imp_fillback.py", *spec["flags"], *flags, *COMMON, "--seed", str(seed), "--save_dir", save]
@@ -198,7 +199,8 @@ def table(group: str, items: list, states: int) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--seeds", nargs="+", type=int,
+                   help="these seeds for every group (default: the group's own, else 1 2 3)")
     p.add_argument("--methods", nargs="+", help="only these methods (names as in the tables); default all")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_rsst"))
@@ -229,12 +231,12 @@ def main() -> int:
                   "weights); RSST: largest penalized norm ratio and soft - hard gap at removal over states >= 1.",
                   f"Flags: `{' '.join(spec['flags'] + COMMON)}` plus per method: " +
                   "; ".join(f"{n}: `{' '.join(f) or '(none)'}`" for n, f in spec["methods"].items()) +
-                  f". Seeds {spec.get('seeds', a.seeds)}; state 0 trained once per seed and shared. "
+                  f". Seeds {a.seeds or spec.get('seeds', [1, 2, 3])}; state 0 trained once per seed and shared. "
                   f"Training time summed over these runs' summaries (the shared state 0 counted in each): "
                   f"{train_s / 60:.0f} min (the runs shared the cores with other work at times)."]
         print("\n".join(lines))
         if not a.no_record:
-            record(f"RSST vs Refill on digits: {group}", "python bench/bench_rsst.py --groups " + group, lines)
+            record(f"RSST vs Refill on digits: {group}", "python bench/bench_rsst.py " + shlex.join(sys.argv[1:]), lines)
         seed1 = [os.path.relpath(it["save"], ROOT) for it in group_items  # no machine paths in results/
                  if it["seed"] == 1 and finished(it["save"], states)]
         if len(seed1) > 1:
