@@ -75,13 +75,18 @@ def run_dir(out: str, group: str, method: str, seed: int) -> str:
     return os.path.join(out, group, f"{slug(method)}_seed{seed}")
 
 
-def runs_of(group: str, seeds: list[int], out: str) -> list[dict]:
+def seeds_of(group: str, seeds: list[int] | None) -> list[int]:
+    """The seeds asked for on the command line, else the group's own, else 1 2 3."""
+    return seeds or GROUPS[group].get("seeds", [1, 2, 3])
+
+
+def runs_of(group: str, seeds: list[int] | None, out: str) -> list[dict]:
     """Every run of a group: method, seed, save dir, command, and the run whose state 0 it reuses."""
     spec = GROUPS[group]
     base_group = spec.get("base", group)
     first = next(iter(GROUPS[base_group]["methods"]))
     items = []
-    for seed in seeds or spec.get("seeds", [1, 2, 3]):  # seed by seed: the first seeds complete first
+    for seed in seeds_of(group, seeds):  # seed by seed: the first seeds complete first
         for name, flags in spec["methods"].items():
             save = run_dir(out, group, name, seed)
             cmd = ["main_imp_fillback.py", *spec["flags"], *flags, *COMMON, "--seed", str(seed), "--save_dir", save]
@@ -230,8 +235,9 @@ def main() -> int:
         lines += ["", "Test accuracy (%) of each state's ticket, mean ± std over seeds (remaining prunable "
                   "weights); RSST: largest penalized norm ratio and soft - hard gap at removal over states >= 1.",
                   f"Flags: `{' '.join(spec['flags'] + COMMON)}` plus per method: " +
-                  "; ".join(f"{n}: `{' '.join(f) or '(none)'}`" for n, f in spec["methods"].items()) +
-                  f". Seeds {a.seeds or spec.get('seeds', [1, 2, 3])}; state 0 trained once per seed and shared. "
+                  "; ".join(f"{n}: `{' '.join(f) or '(none)'}`" for n, f in spec["methods"].items()
+                            if not a.methods or n in a.methods) +
+                  f". Seeds {seeds_of(group, a.seeds)}; state 0 trained once per seed and shared. "
                   f"Training time summed over these runs' summaries (the shared state 0 counted in each): "
                   f"{train_s / 60:.0f} min (the runs shared the cores with other work at times)."]
         print("\n".join(lines))
