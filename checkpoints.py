@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import os
+import pickle
 import random
 import re
 import signal
@@ -120,15 +121,44 @@ def write_yaml(path: str, data: dict) -> None:
 
 
 # --------------------------------------------------------------------------- reading
-def read_checkpoint(path: str) -> dict | None:
-    """A checkpoint of this tool, or None (with one warning line) when it cannot be read."""
+class UnsafeCheckpoint(UsageError):
+    """A run file that holds pickled code (a callable, a class): refused unread, exit code 2."""
+
+
+def _legacy_numpy_globals() -> list:
+    """numpy's array pickling, allowlisted for mid-epoch checkpoints written before the RNG
+    states were stored as plain data (it rebuilds arrays only; it runs no code)."""
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    return [(reconstruct, "numpy.core.multiarray._reconstruct"), (reconstruct, "numpy._core.multiarray._reconstruct"),
+            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_safely(path: str):
+    """torch.load with weights_only=True: tensors and plain data only, so a shared checkpoint
+    cannot run code on load. `UnsafeCheckpoint` names the global a file tried to load."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:
+            raise UnsafeCheckpoint(f"{path}: refused, it holds pickled code ({found.group(1)}), not only weights and "
+                                   "data; nothing was loaded or run") from None
+        raise
+
+
+def read_checkpoint(path: str) -> dict | None:
+    """A checkpoint of this tool, or None (with one warning line) when it cannot be read.
+    A file with pickled code raises `UnsafeCheckpoint` (never skipped silently)."""
+    try:
+        ck = load_safely(path)
         if isinstance(ck, dict) and "file" in ck:  # latest.pth.tar points at the last finished state
-            ck = torch.load(os.path.join(os.path.dirname(path), ck["file"]), map_location="cpu", weights_only=False)
+            ck = load_safely(os.path.join(os.path.dirname(path), ck["file"]))
         if isinstance(ck, dict) and "state_dict" in ck and "masks" in ck and "config" in ck:
             return ck
         raise ValueError("not a checkpoint of this tool")
+    except UnsafeCheckpoint:
+        raise
     except Exception as e:
         print(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__})", file=sys.stderr)
         return None
@@ -288,8 +318,13 @@ def rank_seed(seed: int, rank: int) -> int:
 
 def rng_states(device: torch.device | None = None) -> dict:
     """Every RNG the training step draws from (dropout, drop path, mixup), for exact resume:
-    the CPU streams and, on CUDA, this process's own device."""
-    out = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    the CPU streams and, on CUDA, this process's own device. Plain data (tensors, ints, a str),
+    so the checkpoint loads with weights_only=True."""
+    np_state = np.random.get_state(legacy=False)
+    out = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "numpy": {"bit_generator": np_state["bit_generator"], "has_gauss": int(np_state["has_gauss"]),
+                     "gauss": float(np_state["gauss"]), "pos": int(np_state["state"]["pos"]),
+                     "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64))}}
     if device is not None and device.type == "cuda":
         out["cuda"] = torch.cuda.get_rng_state(device)
     return out
@@ -297,7 +332,11 @@ def rng_states(device: torch.device | None = None) -> dict:
 
 def set_rng_states(states: dict, device: torch.device | None = None) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
+    saved = states["numpy"]
+    if isinstance(saved, dict):  # plain data; older checkpoints hold numpy's own tuple
+        saved = {"bit_generator": saved["bit_generator"], "has_gauss": saved["has_gauss"], "gauss": saved["gauss"],
+                 "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]}}
+    np.random.set_state(saved)
     random.setstate(states["python"])
     cuda = states.get("cuda")
     if cuda is not None and device is not None and device.type == "cuda":
@@ -305,6 +344,12 @@ def set_rng_states(states: dict, device: torch.device | None = None) -> None:
             cuda = cuda[device.index or 0] if (device.index or 0) < len(cuda) else None
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, device)
+
+
+def own_rng_states(saved: dict | list, rank: int) -> dict:
+    """This rank's RNG states from a mid-epoch checkpoint: one entry per rank (older
+    checkpoints hold rank 0's only, which every rank then takes)."""
+    return saved[rank] if isinstance(saved, list) else saved
 
 
 # -------------------------------------------------------------------------- signals
@@ -334,6 +379,9 @@ def install_stop_handlers(stop: StopFlag) -> dict:
     return previous
 
 
-def restore_handlers(previous: dict) -> None:
+def restore_handlers(previous: dict, ignore_term: bool = False) -> None:
+    """Put the old handlers back. `ignore_term` (a torchrun rank about to exit): SIGTERM is
+    ignored instead, because torchrun SIGTERMs the ranks still closing once one has exited, and
+    Python's exit restores the default action (death by signal) unless the signal is ignored."""
     for sig, h in previous.items():
-        signal.signal(sig, h)
+        signal.signal(sig, signal.SIG_IGN if ignore_term and sig == signal.SIGTERM else h)

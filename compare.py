@@ -207,21 +207,30 @@ def write_markdown(path: str, runs: list[Run], labels: list[str]) -> None:
         f.write(f"{intro}\n{table_markdown(runs, labels)}\n\nRuns:\n{sources}\n")
 
 
-def masks_png_from_run(run_dir: str) -> str:
-    """Redraw `run_dir`/masks.png from the run's state checkpoints; returns its path."""
-    import torch
-
+def masks_png_from_run(run_dir: str) -> str | None:
+    """Redraw `run_dir`/masks.png from the run's state checkpoints; returns its path (None, with
+    one warning, when no state checkpoint is readable). Unreadable ones are skipped with a
+    warning; a checkpoint holding pickled code is refused (exit 2)."""
+    from checkpoints import UnsafeCheckpoint, read_checkpoint
     from mask_plots import load_state_masks, plot_masks
     from models import create_model
 
     first = os.path.join(run_dir, "0checkpoint.pth.tar")
     try:
-        ck = torch.load(first, map_location="cpu", weights_only=False)
+        masks = load_state_masks(run_dir)  # warns once for an unreadable state 0
+        ck = read_checkpoint(first) if masks else None
+    except UnsafeCheckpoint as e:
+        raise InputError(f"--masks: {e}") from None
+    if ck is None:
+        if not os.path.exists(first):
+            print(f"warning: --masks: {first} is missing; masks.png not redrawn", file=sys.stderr)
+        return None
+    try:
         model = create_model(ck["arch"], ck["num_classes"], ck["img_size"], **ck.get("model_kwargs", {}))
-    except Exception as e:  # missing, truncated or foreign file
+    except Exception as e:  # a foreign file with this tool's keys
         raise InputError(f"--masks: cannot rebuild the model from {first} ({type(e).__name__})") from None
     path = os.path.join(run_dir, "masks.png")
-    plot_masks(path, ck.get("config", {}).get("exp_name", ck["arch"]), load_state_masks(run_dir), model)
+    plot_masks(path, ck.get("config", {}).get("exp_name", ck["arch"]), masks, model)
     return path
 
 
@@ -261,8 +270,8 @@ def compare(args: argparse.Namespace) -> None:
     write_markdown(f"{stem}.md", runs, labels)
     print(f"wrote {stem}.png and {stem}.md")
     if args.masks:
-        for run in runs:
-            print(f"wrote {masks_png_from_run(run.path)}")
+        for path in filter(None, (masks_png_from_run(run.path) for run in runs)):
+            print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -347,7 +347,8 @@ class IMPRun:
         write_summary(a.save_dir, self.rows)
         plot_state_progress(a.save_dir, state, st, a.exp_name, self._penalty_title())
         plot_summary(os.path.join(a.save_dir, "summary.png"), self.rows, a.exp_name)
-        plot_masks(os.path.join(a.save_dir, "masks.png"), a.exp_name, self.state_masks, self.report)
+        if len(self.state_masks) == len(self.rows):  # else a state checkpoint was unreadable (warned on load)
+            plot_masks(os.path.join(a.save_dir, "masks.png"), a.exp_name, self.state_masks, self.report)
 
     def _penalty_title(self) -> str:
         a = self.args

@@ -112,7 +112,7 @@ def clone_state0(base: str, save: str, cmd: list[str]) -> None:
     mif.resolve(args)
     config = vars(args)
     os.makedirs(save, exist_ok=True)
-    ck = torch.load(os.path.join(base, "0checkpoint.pth.tar"), map_location="cpu", weights_only=False)
+    ck = torch.load(os.path.join(base, "0checkpoint.pth.tar"), map_location="cpu", weights_only=True)
     ck["config"] = {**ck["config"], **{k: v for k, v in config.items() if k not in mif.RUNTIME_KEYS}}
     ck["wandb_id"] = None
     torch.save(ck, os.path.join(save, "0checkpoint.pth.tar"))
