@@ -100,11 +100,29 @@ def rank_zero_first(d: Dist):
         dist.barrier()
 
 
-def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
-    """True when `flag` is set on any rank (all ranks agree on stopping)."""
+def max_over_ranks(value: int, d: Dist, device: torch.device) -> int:
+    """The largest `value` over ranks (the signal that stops every rank at the same step, 0:
+    none; a signal number, not a flag, so every process exits with the code of the one received)."""
     if not d.enabled:
-        return flag
-    return bool(all_sum(torch.tensor(float(flag), device=device), d) > 0)
+        return value
+    t = torch.tensor(value, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def gather_to_main(obj, d: Dist) -> list | None:
+    """Every rank's `obj` (picklable, sent between this run's own processes) as a list on rank 0,
+    None on the other ranks; `[obj]` on one process."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world if d.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
 
 
 def shutdown(d: Dist) -> None:

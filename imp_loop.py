@@ -16,10 +16,11 @@ import torch
 
 import pruning_utils as pu
 from checkpoints import (Interrupted, StopFlag, check_resume_processes, copy_state, epoch_seed, init_weights,
-                         rank_seed, read_checkpoint, rng_states, save_atomic, seed_all, set_rng_states)
+                         own_rng_states, rank_seed, read_checkpoint, rng_states, save_atomic, seed_all,
+                         set_rng_states)
 from dataset import load_splits
-from distributed import (all_sum, any_rank, broadcast_masks, init_distributed, rank_zero_first, select_device,
-                         shutdown, wrap_for_training)
+from distributed import (all_sum, barrier, broadcast_masks, gather_to_main, init_distributed, max_over_ranks,
+                         rank_zero_first, select_device, shutdown, wrap_for_training)
 from errors import UsageError
 from loaders import EpochSampler, build_loaders, calibration_batches
 from mask_plots import load_state_masks, plot_masks, unit_kinds
@@ -94,6 +95,7 @@ class IMPRun:
         self.mixup = mixup_fn(args.mixup, args.cutmix, args.label_smoothing, self.data.num_classes)
         self.rows: list[dict] = []
         self.global_step = 0
+        self.stop_signal = 0  # the signal every rank agreed to stop on (0: none)
         self.theta_r = init_weights(self.model, args, resume_ck is not None, self.save)
         ones = {n: m.to(self.device) for n, m in pu.ones_masks(self.model).items()}
         self.set_ticket(Ticket(ones, ones, ones, {n: torch.zeros_like(m) for n, m in ones.items()}))
@@ -242,7 +244,7 @@ class IMPRun:
             self.data.train.epoch_seed = s
             self.sampler.set_epoch(s, partial["steps"] * self.train_batch if partial else 0)
             if partial:
-                set_rng_states(partial["rng"], self.device)
+                set_rng_states(own_rng_states(partial["rng"], self.dist.rank), self.device)
             tr = train_one_epoch(self.net, self.train_loader, opt, sched, self.device, after_step,
                                  a.label_smoothing, self.mixup, f"state {state} epoch {epoch + 1}",
                                  partial["totals"] if partial else None, lambda t: all_sum(t, self.dist),
@@ -250,23 +252,28 @@ class IMPRun:
             partial = None
             st["elapsed"] += time.time() - t0
             if tr["stopped"]:
+                rng = gather_to_main(rng_states(self.device), self.dist)  # each rank's own streams
                 self.save(self._payload(state, epoch, "train", out, {"steps": tr["totals"]["steps"],
-                          "totals": tr["totals"], "rng": rng_states(self.device)}), "latest.pth.tar")
-                raise Interrupted(self.stop.signum)
+                          "totals": tr["totals"], "rng": rng}), "latest.pth.tar")
+                barrier(self.dist)  # no rank exits before the checkpoint is written
+                raise Interrupted(self.stop_signal)
             self._end_epoch(state, epoch, tr, out)
-            if self.dist.enabled and epoch + 1 < a.epochs and any_rank(self.stop.signum is not None, self.dist,
-                                                                        self.device):
-                raise Interrupted(self.stop.signum)  # latest.pth.tar holds this epoch's end
+            if self.dist.enabled and epoch + 1 < a.epochs and self._agree_on_stop():
+                raise Interrupted(self.stop_signal)  # latest.pth.tar holds this epoch's end
         return out
 
     def _should_stop(self) -> bool:
         """A signal on any rank stops all of them at the same step: checked every step on one
         process, every STOP_CHECK_EVERY steps across ranks (an all-reduce syncs the host)."""
-        if not self.dist.enabled:
-            return self.stop.signum is not None
-        if self.global_step % STOP_CHECK_EVERY:
+        if self.dist.enabled and self.global_step % STOP_CHECK_EVERY:
             return False
-        return any_rank(self.stop.signum is not None, self.dist, self.device)
+        return self._agree_on_stop()
+
+    def _agree_on_stop(self) -> bool:
+        """Set `stop_signal` to the largest signal number received on any rank (a rank that got
+        none exits with the others' code); True when there is one."""
+        self.stop_signal = max_over_ranks(self.stop.signum or 0, self.dist, self.device)
+        return self.stop_signal > 0
 
     def _evaluate(self, loader) -> dict:
         """Loss and accuracy of the masked model on `loader`, each rank on its shard, summed."""

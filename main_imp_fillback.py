@@ -208,10 +208,22 @@ def resolve(args: argparse.Namespace) -> None:
 
 
 def resume_command(args: argparse.Namespace) -> str:
-    """A copy-paste exact command that continues this run (interpreter, quoting, runtime flags)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--resume", "--save_dir", os.path.abspath(args.save_dir),
+    """A copy-paste exact command that continues this run (interpreter, quoting, runtime flags).
+    Under torchrun it repeats the launcher with the same process count (from torchrun's
+    LOCAL_WORLD_SIZE / WORLD_SIZE), which a resume must keep."""
+    cmd = [os.path.abspath(__file__), "--resume", "--save_dir", os.path.abspath(args.save_dir),
            "--threads", str(args.threads), "--wandb", args.wandb, "--device", args.device]
-    return shlex.join(cmd)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return shlex.join([sys.executable, *cmd])
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = world // per_node
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    launcher = [torchrun] if os.access(torchrun, os.X_OK) else [sys.executable, "-m", "torch.distributed.run"]
+    if nodes == 1:
+        return shlex.join([*launcher, "--standalone", f"--nproc_per_node={per_node}", *cmd])
+    return (shlex.join([*launcher, f"--nnodes={nodes}", f"--nproc_per_node={per_node}", *cmd])
+            + "  # on every node, with the rendezvous flags of the first launch")
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -252,7 +264,7 @@ def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
         print(f"interrupted. Continue with: {resume_command(args)}", file=sys.stderr)
         return 130
     finally:
-        restore_handlers(previous)
+        restore_handlers(previous, ignore_term=int(os.environ.get("WORLD_SIZE", "1")) > 1)
         if run is not None:
             run.close()
         if run_dir is not None:  # a new run that failed before training leaves no files behind
