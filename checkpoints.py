@@ -3,8 +3,9 @@
 Everything a run needs to survive a kill: an exclusive lock on the save dir for the life of the
 run; checkpoints written to a per-process temporary file, fsynced and renamed (a failed write
 leaves no partial file and raises `SaveError`); the newest readable checkpoint for `--resume`;
-SIGINT/SIGTERM turned into a clean stop at a step boundary; and every RNG stream, saved and
-restored for an exact continuation.
+SIGINT/SIGTERM turned into a clean stop at a step boundary; and every RNG stream (each rank's),
+saved as plain data and restored for an exact continuation. Every file is read with
+weights_only=True: a checkpoint carrying pickled code is refused, never run.
 """
 from __future__ import annotations
 
