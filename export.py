@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch.utils import flop_counter
 
+from checkpoints import UnsafeCheckpoint, load_safely
 from compact import CompactError, build_compact, compact_state
 from models import create_model
 
@@ -43,7 +44,9 @@ def read_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise ExportError(f"--checkpoint {path}: " + ("is a directory" if os.path.isdir(path) else "file not found"))
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = load_safely(path)
+    except UnsafeCheckpoint as e:
+        raise ExportError(f"--checkpoint {e}") from None
     except Exception as e:
         raise ExportError(f"--checkpoint {path}: not a torch checkpoint ({type(e).__name__})") from None
     missing = [k for k in ("arch", "num_classes", "img_size", "state_dict", "mask") if k not in ck]

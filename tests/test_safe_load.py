@@ -81,14 +81,16 @@ def test_resume_refuses_a_latest_checkpoint_with_pickled_code(finished, run_main
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "pickled code" in err and not marker.exists()
 
 
-def test_compare_masks_refuses_a_state_checkpoint_with_pickled_code(finished, tmp_path, capsys):
+def test_compare_and_export_refuse_a_state_checkpoint_with_pickled_code(finished, tmp_path, capsys):
+    import export
     d = shutil.copytree(finished, tmp_path / "run")
     marker = tmp_path / "code_ran"
     ck = torch.load(d / "0checkpoint.pth.tar", weights_only=True)
     torch.save({**ck, "hook": Payload(f"touch {marker}")}, d / "0checkpoint.pth.tar")
     assert compare.main([str(d), "--out", str(tmp_path / "cmp"), "--masks"]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "pickled code" in err and not marker.exists()
+    assert export.main(["--checkpoint", str(d / "0checkpoint.pth.tar"), "--out", str(tmp_path / "x.pt")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all("pickled code" in line for line in lines) and not marker.exists()
 
 
 def test_damaged_state_checkpoint_in_a_finished_run_is_skipped_by_every_report(finished, run_main, tmp_path,
