@@ -7,6 +7,7 @@ SIGINT/SIGTERM turned into a clean stop at a step boundary; and every RNG stream
 saved as plain data and restored for an exact continuation. Every file is read with
 weights_only=True: a checkpoint carrying pickled code is refused, never run.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -19,7 +20,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -27,8 +28,17 @@ import yaml
 
 from errors import UsageError
 
-OUTPUT_GLOBS = ("*checkpoint.pth.tar", "*model_SA_best.pth.tar", "latest.pth.tar", "rewind.pth.tar",
-                "init.pth.tar", "summary.csv", "summary.json", "args.yaml", "*.png")
+OUTPUT_GLOBS = (
+    "*checkpoint.pth.tar",
+    "*model_SA_best.pth.tar",
+    "latest.pth.tar",
+    "rewind.pth.tar",
+    "init.pth.tar",
+    "summary.csv",
+    "summary.json",
+    "args.yaml",
+    "*.png",
+)
 STATE_FILE = re.compile(r"(\d+)checkpoint\.pth\.tar")
 
 
@@ -58,8 +68,9 @@ class RunDir:
             self.fd.seek(0)
             holder = self.fd.read().strip() or "unknown process"
             self.fd.close()
-            raise UsageError(f"--save_dir {path}: in use by another run ({holder}); wait for it to end or "
-                             "use another --save_dir") from None
+            raise UsageError(
+                f"--save_dir {path}: in use by another run ({holder}); wait for it to end or use another --save_dir"
+            ) from None
         self.fd.seek(0)
         self.fd.truncate()
         self.fd.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -130,8 +141,13 @@ def _legacy_numpy_globals() -> list:
     """numpy's array pickling, allowlisted for mid-epoch checkpoints written before the RNG
     states were stored as plain data (it rebuilds arrays only; it runs no code)."""
     reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
-    return [(reconstruct, "numpy.core.multiarray._reconstruct"), (reconstruct, "numpy._core.multiarray._reconstruct"),
-            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    return [
+        (reconstruct, "numpy.core.multiarray._reconstruct"),
+        (reconstruct, "numpy._core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+    ]
 
 
 def load_safely(path: str):
@@ -143,8 +159,10 @@ def load_safely(path: str):
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found:
-            raise UnsafeCheckpoint(f"{path}: refused, it holds pickled code ({found.group(1)}), not only weights and "
-                                   "data; nothing was loaded or run") from None
+            raise UnsafeCheckpoint(
+                f"{path}: refused, it holds pickled code ({found.group(1)}), not only weights and "
+                "data; nothing was loaded or run"
+            ) from None
         raise
 
 
@@ -200,14 +218,19 @@ def adopt_saved_run(args, config: dict, given: set[str], skip: tuple, where: str
         if key in skip or key == "save_dir" or not hasattr(args, key):
             continue
         if key in given and getattr(args, key) != saved:
-            raise UsageError(f"--{key} {getattr(args, key)}: {where} holds a run with --{key} {saved} "
-                             f"({config.get('arch')}, {config.get('dataset')}, {config.get('struct')}); "
-                             f"resume it without --{key} or start a new run")
+            raise UsageError(
+                f"--{key} {getattr(args, key)}: {where} holds a run with --{key} {saved} "
+                f"({config.get('arch')}, {config.get('dataset')}, {config.get('struct')}); "
+                f"resume it without --{key} or start a new run"
+            )
         setattr(args, key, saved)
     missing = sorted(k for k in vars(args) if k not in config and k not in skip and k not in ("save_dir", "exp_name"))
     if missing:
-        print(f"warning: {where} was saved by an older version; {', '.join('--' + k for k in missing)} take "
-              "their current values", file=sys.stderr)
+        print(
+            f"warning: {where} was saved by an older version; {', '.join('--' + k for k in missing)} take "
+            "their current values",
+            file=sys.stderr,
+        )
 
 
 def open_run(args, given: set[str], runtime_keys: tuple, rank: int = 0) -> dict | None:
@@ -222,19 +245,24 @@ def open_run(args, given: set[str], runtime_keys: tuple, rank: int = 0) -> dict 
                     config = yaml.safe_load(f)
                 assert isinstance(config, dict)
             except (OSError, yaml.YAMLError, AssertionError):
-                raise UsageError(f"--resume: nothing to resume, no readable checkpoint or args.yaml in "
-                                 f"{args.save_dir}") from None
+                raise UsageError(
+                    f"--resume: nothing to resume, no readable checkpoint or args.yaml in {args.save_dir}"
+                ) from None
             adopt_saved_run(args, config, given, runtime_keys, args.save_dir)
-            print(f"{args.save_dir}: no checkpoint yet (stopped in its first epoch): starting the run over",
-                  file=sys.stderr)
+            print(
+                f"{args.save_dir}: no checkpoint yet (stopped in its first epoch): starting the run over",
+                file=sys.stderr,
+            )
             args.resume = False
         else:
             adopt_saved_run(args, resume_ck["config"], given, runtime_keys, args.checkpoint or args.save_dir)
         return resume_ck
     existing = find_existing_run(args.save_dir) if rank == 0 else []  # rank 0 may be writing args.yaml
     if existing and not args.overwrite:
-        raise UsageError(f"--save_dir {args.save_dir} holds another run ({os.path.basename(existing[0])}); "
-                         "pass --resume to continue it or --overwrite to replace it")
+        raise UsageError(
+            f"--save_dir {args.save_dir} holds another run ({os.path.basename(existing[0])}); "
+            "pass --resume to continue it or --overwrite to replace it"
+        )
     if rank == 0:
         for f in existing:
             os.remove(f)
@@ -257,8 +285,10 @@ def init_weights(model: torch.nn.Module, args, resuming: bool, save: Callable) -
     if source == path and not os.path.isfile(path) and args.checkpoint:  # resumed into another folder
         source = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "init.pth.tar")
     if resuming and source and not os.path.isfile(source):
-        raise UsageError(f"--resume: {os.path.basename(source)} (the run's initial weights) is missing from "
-                         f"{os.path.dirname(source)}; resume in the run's own folder")
+        raise UsageError(
+            f"--resume: {os.path.basename(source)} (the run's initial weights) is missing from "
+            f"{os.path.dirname(source)}; resume in the run's own folder"
+        )
     if source:
         try:
             sd = torch.load(source, map_location="cpu", weights_only=True)
@@ -267,14 +297,17 @@ def init_weights(model: torch.nn.Module, args, resuming: bool, save: Callable) -
             raise UsageError(f"{source}: not a weights file for --arch {args.arch} ({type(e).__name__})") from None
     elif args.pretrained_file or args.vit_pretrained:
         from models.weights import load_pretrained
+
         flag = f"--pretrained_file {args.pretrained_file}" if args.pretrained_file else "--vit_pretrained"
         try:
             notes = load_pretrained(model, args.arch, args.pretrained_file)
         except ValueError as e:  # the weights do not fit --arch
             raise UsageError(f"{flag}: does not fit --arch {args.arch}: {e}") from None
         except Exception as e:  # the hub cannot be reached
-            raise UsageError(f"--vit_pretrained: cannot fetch timm ImageNet weights for {args.arch} "
-                             f"({type(e).__name__}); run without it or with network access") from None
+            raise UsageError(
+                f"--vit_pretrained: cannot fetch timm ImageNet weights for {args.arch} "
+                f"({type(e).__name__}); run without it or with network access"
+            ) from None
         for line in notes:
             print(f"{flag}: {line}", flush=True)
     if source != path:
@@ -290,31 +323,36 @@ def check_resume_processes(ck: dict, world: int, save_dir: str) -> None:
     is allowed but breaks bit-exactness, which one warning line says."""
     saved = ck.get("world", 1)
     if saved != world:
-        raise UsageError(f"--resume: {save_dir} was run with {saved} process(es), this is {world}; resume it "
-                         f"with the same count (torchrun --nproc_per_node={saved} ...)")
+        raise UsageError(
+            f"--resume: {save_dir} was run with {saved} process(es), this is {world}; resume it "
+            f"with the same count (torchrun --nproc_per_node={saved} ...)"
+        )
     if ck.get("threads") not in (None, torch.get_num_threads()):
-        print(f"warning: resuming with {torch.get_num_threads()} CPU threads, the run used {ck['threads']}: "
-              "results will not be bit-identical to an uninterrupted run (pass --threads "
-              f"{ck['threads']} to match)", file=sys.stderr)
+        print(
+            f"warning: resuming with {torch.get_num_threads()} CPU threads, the run used {ck['threads']}: "
+            "results will not be bit-identical to an uninterrupted run (pass --threads "
+            f"{ck['threads']} to match)",
+            file=sys.stderr,
+        )
 
 
 # ------------------------------------------------------------------------------ RNG
 def seed_all(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def epoch_seed(seed: int, state: int, epoch: int) -> int:
     """Every epoch's randomness (order, augmentation, dropout) from (seed, state, epoch) alone,
     so a run resumed at an epoch boundary continues exactly."""
-    return (seed * 1_000_003 + state * 10_007 + epoch * 101 + 17) % (2 ** 63)
+    return (seed * 1_000_003 + state * 10_007 + epoch * 101 + 17) % (2**63)
 
 
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank `rank`'s random streams (dropout, drop path, augmentation): rank 0 keeps
     `seed` (a one-process run is unchanged), other ranks get their own."""
-    return seed if rank == 0 else (seed + rank * 0x9E3779B97F4A7C15) % (2 ** 63)
+    return seed if rank == 0 else (seed + rank * 0x9E3779B97F4A7C15) % (2**63)
 
 
 def rng_states(device: torch.device | None = None) -> dict:
@@ -322,10 +360,17 @@ def rng_states(device: torch.device | None = None) -> dict:
     the CPU streams and, on CUDA, this process's own device. Plain data (tensors, ints, a str),
     so the checkpoint loads with weights_only=True."""
     np_state = np.random.get_state(legacy=False)
-    out = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "numpy": {"bit_generator": np_state["bit_generator"], "has_gauss": int(np_state["has_gauss"]),
-                     "gauss": float(np_state["gauss"]), "pos": int(np_state["state"]["pos"]),
-                     "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64))}}
+    out = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+            "pos": int(np_state["state"]["pos"]),
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+        },
+    }
     if device is not None and device.type == "cuda":
         out["cuda"] = torch.cuda.get_rng_state(device)
     return out
@@ -335,8 +380,12 @@ def set_rng_states(states: dict, device: torch.device | None = None) -> None:
     torch.set_rng_state(states["torch"])
     saved = states["numpy"]
     if isinstance(saved, dict):  # plain data; older checkpoints hold numpy's own tuple
-        saved = {"bit_generator": saved["bit_generator"], "has_gauss": saved["has_gauss"], "gauss": saved["gauss"],
-                 "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]}}
+        saved = {
+            "bit_generator": saved["bit_generator"],
+            "has_gauss": saved["has_gauss"],
+            "gauss": saved["gauss"],
+            "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]},
+        }
     np.random.set_state(saved)
     random.setstate(states["python"])
     cuda = states.get("cuda")
@@ -356,6 +405,7 @@ def own_rng_states(saved: dict | list, rank: int) -> dict:
 # -------------------------------------------------------------------------- signals
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loop finishes its step, writes a checkpoint and exits."""
+
     signum: int | None = None
 
 
@@ -367,10 +417,12 @@ class Interrupted(Exception):
 
 def install_stop_handlers(stop: StopFlag) -> dict:
     """SIGINT/SIGTERM set `stop` (a second SIGINT interrupts at once); returns the old handlers."""
+
     def handler(signum, frame):
         if stop.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.signum = signum
+
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:

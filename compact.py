@@ -13,6 +13,7 @@ What is removed (README "Export a ticket"):
 A layer keeps at least one unit. `compact_state` slices a state dict and describes the new
 sizes; `build_compact` rebuilds the model from that description alone.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,8 +40,7 @@ class FoldedConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ones = x.new_ones(1, 1, *x.shape[-2:])
-        return super().forward(x) + F.conv2d(ones, self.fold_kernel, None, self.stride, self.padding,
-                                             self.dilation)
+        return super().forward(x) + F.conv2d(ones, self.fold_kernel, None, self.stride, self.padding, self.dilation)
 
 
 # ---------------------------------------------------------------------------- units
@@ -126,8 +126,11 @@ def _compact_chain(sd: dict, mods: dict, chain: tuple[str, str, str], masks: dic
     prod, norm, cons = chain
     p, bn, c = mods[prod], mods[norm], mods[cons]
     zero_filter = ~masks[prod].reshape(p.out_channels, -1).any(1)
-    unused = ~masks[cons].transpose(0, 1).reshape(p.out_channels, -1).any(1) if cons in masks \
+    unused = (
+        ~masks[cons].transpose(0, 1).reshape(p.out_channels, -1).any(1)
+        if cons in masks
         else torch.zeros_like(zero_filter)
+    )
     drop = _droppable(unused, zero_filter)
     if not bool(drop.any()):
         return p.out_channels, False
@@ -205,26 +208,38 @@ def _resize_cnn(model: nn.Module, desc: dict) -> None:
         if prod in n_out:
             n_in[cons] = n_out[prod]
             bn = mods[norm]
-            _set_module(model, norm, nn.BatchNorm2d(n_out[prod], bn.eps, bn.momentum, bn.affine,
-                                                    bn.track_running_stats))
+            _set_module(
+                model, norm, nn.BatchNorm2d(n_out[prod], bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+            )
     for name in sorted(set(n_out) | set(n_in) | set(desc["folded"])):
         old = mods[name]
         if isinstance(old, nn.Linear):
             _set_module(model, name, _linear(old, n_in.get(name, old.in_features), old.out_features))
             continue
         cls = FoldedConv2d if name in desc["folded"] else nn.Conv2d
-        _set_module(model, name, cls(n_in.get(name, old.in_channels), n_out.get(name, old.out_channels),
-                                     old.kernel_size, old.stride, old.padding, old.dilation, old.groups,
-                                     old.bias is not None, old.padding_mode))
+        _set_module(
+            model,
+            name,
+            cls(
+                n_in.get(name, old.in_channels),
+                n_out.get(name, old.out_channels),
+                old.kernel_size,
+                old.stride,
+                old.padding,
+                old.dilation,
+                old.groups,
+                old.bias is not None,
+                old.padding_mode,
+            ),
+        )
 
 
 def build_compact(artifact: dict) -> nn.Module:
     """The compact model an export artifact describes (weights loaded, eval mode)."""
-    model = create_model(artifact["arch"], artifact["num_classes"], artifact["img_size"],
-                         **artifact.get("model_kwargs", {}))
+    model = create_model(
+        artifact["arch"], artifact["num_classes"], artifact["img_size"], **artifact.get("model_kwargs", {})
+    )
     desc = artifact["compact"]
     (_resize_vit if desc["family"] == "vit" else _resize_cnn)(model, desc)
     model.load_state_dict(artifact["state_dict"])
     return model.eval()
-
-

@@ -7,6 +7,7 @@ With --masks it also redraws RUN_DIR/masks.png from the run's checkpoints (old r
 
     python compare.py runs/vit_rsst runs/vit_refill runs/vit_unstructured --out runs/compare
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,13 +34,21 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(message)
 
 
-RSST_DEFAULTS = {"reg_mode": "calibrated", "reg_end": 0.5, "reg_target": 1e-3, "reg_granularity_prune": 1.0,
-                 "RST_schedule": "exp_custom_exponents", "exponents": 4, "reg_scale_updates": "auto"}
+RSST_DEFAULTS = {
+    "reg_mode": "calibrated",
+    "reg_end": 0.5,
+    "reg_target": 1e-3,
+    "reg_granularity_prune": 1.0,
+    "RST_schedule": "exp_custom_exponents",
+    "exponents": 4,
+    "reg_scale_updates": "auto",
+}
 
 
 @dataclass
 class Run:
     """One finished run: its folder, resolved config (args.yaml) and summary rows."""
+
     path: str
     config: dict
     rows: list[dict]
@@ -74,8 +83,9 @@ def _read(path: str, loader) -> object:
         with open(path) as f:
             return loader(f)
     except FileNotFoundError:
-        raise InputError(f"{os.path.dirname(path) or '.'}: no {os.path.basename(path)} "
-                         "(not a run folder, or no state finished yet)") from None
+        raise InputError(
+            f"{os.path.dirname(path) or '.'}: no {os.path.basename(path)} (not a run folder, or no state finished yet)"
+        ) from None
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise InputError(f"{path}: cannot read ({type(e).__name__})") from None
 
@@ -121,8 +131,10 @@ def check_comparable(runs: list[Run]) -> None:
 def unique_labels(runs: list[Run]) -> list[str]:
     """Run labels, with the folder name added where two runs would share one."""
     labels = [r.label for r in runs]
-    return [f"{lab} ({os.path.basename(os.path.normpath(r.path))})" if labels.count(lab) > 1 else lab
-            for lab, r in zip(labels, runs)]
+    return [
+        f"{lab} ({os.path.basename(os.path.normpath(r.path))})" if labels.count(lab) > 1 else lab
+        for lab, r in zip(labels, runs)
+    ]
 
 
 def best_state(rows: list[dict]) -> dict:
@@ -165,8 +177,13 @@ def plot_runs(path: str, runs: list[Run], labels: list[str]) -> None:
     axes[0].set_title("accuracy vs remaining weights")
     axes[1].set_title("accuracy vs compression")
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles + [dense], names + [dense.get_label()], loc="outside lower center",
-               ncol=min(3, len(handles) + 1), fontsize=8)
+    fig.legend(
+        handles + [dense],
+        names + [dense.get_label()],
+        loc="outside lower center",
+        ncol=min(3, len(handles) + 1),
+        fontsize=8,
+    )
     datasets = sorted({str(r.config.get("dataset")) for r in runs})
     archs = sorted({str(r.config.get("arch")) for r in runs})
     fig.suptitle(f"{', '.join(archs)} on {', '.join(datasets)}: test accuracy of each state's ticket")
@@ -191,8 +208,11 @@ def table_markdown(runs: list[Run], labels: list[str]) -> str:
         criterion = "–" if run.method == "IMP-unstructured" else str(run.config.get("criteria"))
         cells = [label, run.method, criterion, str(run.config.get("rate"))]
         cells += [_cell(by_state.get(s)) for s in range(n_states)]
-        cells.append(f"{best['state']}: {_cell(best)}, {best['compression']:.2f}x" if not math.isnan(best["final_test_acc"])
-                     else "–")
+        cells.append(
+            f"{best['state']}: {_cell(best)}, {best['compression']:.2f}x"
+            if not math.isnan(best["final_test_acc"])
+            else "–"
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -200,8 +220,10 @@ def table_markdown(runs: list[Run], labels: list[str]) -> str:
 def write_markdown(path: str, runs: list[Run], labels: list[str]) -> None:
     datasets = ", ".join(sorted({str(r.config.get("dataset")) for r in runs}))
     archs = ", ".join(sorted({str(r.config.get("arch")) for r in runs}))
-    intro = (f"# {archs} on {datasets}\n\nTest accuracy (%) of each state's ticket (`final_test_acc`) and, in "
-             "brackets, the remaining prunable weights. Best state: the highest accuracy among pruned states.\n")
+    intro = (
+        f"# {archs} on {datasets}\n\nTest accuracy (%) of each state's ticket (`final_test_acc`) and, in "
+        "brackets, the remaining prunable weights. Best state: the highest accuracy among pruned states.\n"
+    )
     sources = "\n".join(f"- {label}: `{r.path}`" for r, label in zip(runs, labels))
     with open(path, "w") as f:
         f.write(f"{intro}\n{table_markdown(runs, labels)}\n\nRuns:\n{sources}\n")

@@ -7,6 +7,7 @@ handwritten digits (a real dataset, no download) upscaled to 32x32x3, fixed stra
 60/20/20. synthetic: small, learnable class templates plus noise, for tests. imagenet / folder:
 image folders on disk (train/ val/ [test/]), read per sample; see folder_data.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,7 +50,7 @@ class SeededTransforms(Dataset):
 
     def _apply(self, i: int, img):
         with torch.random.fork_rng(devices=[]):  # the CPU generator only: CUDA streams stay untouched
-            torch.default_generator.manual_seed((self.epoch_seed * 1_000_003 + i) % (2 ** 63))
+            torch.default_generator.manual_seed((self.epoch_seed * 1_000_003 + i) % (2**63))
             return self.transform(img)
 
 
@@ -69,7 +70,7 @@ class ImageTensors(SeededTransforms):
 
 @dataclass
 class DataSplits:
-    train: Dataset       # training transform (augmentation)
+    train: Dataset  # training transform (augmentation)
     train_plain: Dataset  # the same images, evaluation transform (for calibration batches)
     val: Dataset
     test: Dataset
@@ -80,10 +81,11 @@ class DataSplits:
 @dataclass(frozen=True)
 class Augment:
     """The training augmentation of a dataset and model family (per-sample or whole-batch)."""
+
     size: int
-    pad: int          # random crop with this zero padding (0: none)
-    flip: bool        # random horizontal flip
-    trivial: bool     # TrivialAugmentWide (ViT recipe)
+    pad: int  # random crop with this zero padding (0: none)
+    flip: bool  # random horizontal flip
+    trivial: bool  # TrivialAugmentWide (ViT recipe)
     mean: tuple
     std: tuple
 
@@ -121,6 +123,7 @@ def _split(n: int, n_val: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _cifar(name: str, root: str):
     from torchvision import datasets
+
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
     existed = os.path.isdir(root)
@@ -132,11 +135,15 @@ def _cifar(name: str, root: str):
         except Exception as e:  # no network, disk full, corrupt archive
             if not existed and os.path.isdir(root) and not os.listdir(root):
                 os.rmdir(root)  # leave no empty data folder behind
-            raise DataError(f"--dataset {name}: not found in {root}/{folder} and download failed "
-                            f"({type(e).__name__}); fetch {cls.url} and extract it into {root}/, "
-                            "or try --dataset digits (bundled, no download)") from None
-    as_tensors = lambda d: (torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
-                            torch.tensor(d.targets, dtype=torch.long))
+            raise DataError(
+                f"--dataset {name}: not found in {root}/{folder} and download failed "
+                f"({type(e).__name__}); fetch {cls.url} and extract it into {root}/, "
+                "or try --dataset digits (bundled, no download)"
+            ) from None
+    as_tensors = lambda d: (
+        torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
+        torch.tensor(d.targets, dtype=torch.long),
+    )
     (xtr, ytr), (xte, yte) = as_tensors(sets[0]), as_tensors(sets[1])
     return xtr, ytr, xte, yte, 5000
 
@@ -144,6 +151,7 @@ def _cifar(name: str, root: str):
 def _digits():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
+
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(x, size=32, mode="bilinear", align_corners=False)
@@ -158,8 +166,9 @@ def _digits():
 def _synthetic(n_train: int, num_classes: int = 10, size: int = 32):
     """Class templates (smooth random patterns) plus per-image noise and brightness jitter."""
     g = torch.Generator().manual_seed(SPLIT_SEED)
-    templates = F.interpolate(torch.randn(num_classes, 3, 4, 4, generator=g), size=size,
-                              mode="bilinear", align_corners=False)
+    templates = F.interpolate(
+        torch.randn(num_classes, 3, 4, 4, generator=g), size=size, mode="bilinear", align_corners=False
+    )
     sizes = (n_train, max(32, n_train // 4), max(32, n_train // 4))
     out = []
     for n in sizes:
@@ -173,13 +182,16 @@ def _synthetic(n_train: int, num_classes: int = 10, size: int = 32):
 
 def _tiny_imagenet(root: str):
     from torchvision.datasets import ImageFolder
+
     base = os.path.join(root, "tiny-imagenet-200")
     train_dir, val_dir = os.path.join(base, "train"), os.path.join(base, "val")
     ann = os.path.join(val_dir, "val_annotations.txt")
     if not (os.path.isdir(train_dir) and os.path.isfile(ann)):
-        raise DataError(f"--dataset tiny_imagenet: {base}/train and {base}/val/val_annotations.txt "
-                        "not found; download tiny-imagenet-200.zip and unzip it into "
-                        f"{root}/ (it cannot be fetched automatically)")
+        raise DataError(
+            f"--dataset tiny_imagenet: {base}/train and {base}/val/val_annotations.txt "
+            "not found; download tiny-imagenet-200.zip and unzip it into "
+            f"{root}/ (it cannot be fetched automatically)"
+        )
     train = ImageFolder(train_dir)
     with open(ann) as f:
         rows = [line.split("\t")[:2] for line in f if line.strip()]
@@ -204,12 +216,19 @@ class FileImages(SeededTransforms):
 def _image_folder(name: str, root: str, strong: bool, img_size: int, norm: tuple | None) -> DataSplits:
     classes, train, val, test = scan_folder(name, root)
     tr, ev = (folder_transforms(img_size, strong, t, norm) for t in (True, False))
-    return DataSplits(FileImages(train, tr), FileImages(train, ev), FileImages(val, ev), FileImages(test, ev),
-                      len(classes), img_size)
+    return DataSplits(
+        FileImages(train, tr), FileImages(train, ev), FileImages(val, ev), FileImages(test, ev), len(classes), img_size
+    )
 
 
-def load_splits(name: str, root: str, strong: bool, synthetic_size: int = 512, img_size: int | None = None,
-                norm: tuple | None = None) -> DataSplits:
+def load_splits(
+    name: str,
+    root: str,
+    strong: bool,
+    synthetic_size: int = 512,
+    img_size: int | None = None,
+    norm: tuple | None = None,
+) -> DataSplits:
     """The train / val / test splits of dataset `name` with the recipe's transforms. Image
     folders (imagenet, folder) take `img_size` (default 224) and `norm` = (mean, std)."""
     if name not in DATASETS:
@@ -220,8 +239,14 @@ def load_splits(name: str, root: str, strong: bool, synthetic_size: int = 512, i
     if name == "tiny_imagenet":
         train, test = _tiny_imagenet(root)
         tr_idx, va_idx = (i.numpy() for i in _split(len(train), 10000))
-        return DataSplits(FileImages(train.subset(tr_idx), tr), FileImages(train.subset(tr_idx), ev),
-                          FileImages(train.subset(va_idx), ev), FileImages(test, ev), 200, 64)
+        return DataSplits(
+            FileImages(train.subset(tr_idx), tr),
+            FileImages(train.subset(tr_idx), ev),
+            FileImages(train.subset(va_idx), ev),
+            FileImages(test, ev),
+            200,
+            64,
+        )
     if name in ("cifar10", "cifar100"):
         xtr, ytr, xte, yte, n_val = _cifar(name, root)
         tr_idx, va_idx = _split(len(ytr), n_val)
@@ -231,7 +256,11 @@ def load_splits(name: str, root: str, strong: bool, synthetic_size: int = 512, i
     else:
         parts = _synthetic(synthetic_size)
     (xa, ya), (xv, yv), (xt, yt) = parts
-    return DataSplits(ImageTensors(xa, ya, tr), ImageTensors(xa, ya, ev), ImageTensors(xv, yv, ev),
-                      ImageTensors(xt, yt, ev), NUM_CLASSES[name], IMG_SIZE[name])
-
-
+    return DataSplits(
+        ImageTensors(xa, ya, tr),
+        ImageTensors(xa, ya, ev),
+        ImageTensors(xv, yv, ev),
+        ImageTensors(xt, yt, ev),
+        NUM_CLASSES[name],
+        IMG_SIZE[name],
+    )

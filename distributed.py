@@ -4,6 +4,7 @@
 training then runs under DistributedDataParallel (NCCL on GPU, gloo on CPU). One process
 without those variables is the ordinary single-device run.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,6 +64,7 @@ def wrap_for_training(model: torch.nn.Module, d: Dist, device: torch.device, com
     net = model
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel
+
         net = DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
     if compile:
         net = torch.compile(net, backend=os.environ.get("RSST_COMPILE_BACKEND", "inductor"))

@@ -5,6 +5,7 @@
 The compaction itself (which heads, neurons and channels go, and the constants folded in) is
 in compact.py. `load_compact(path)` rebuilds the model from the file alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,9 +78,15 @@ def export_artifact(ck: dict, model: nn.Module) -> dict:
         desc, sd = compact_state(model, ck["mask"])
     except CompactError as e:
         raise ExportError(str(e)) from None
-    return {"format": FORMAT, "arch": ck["arch"], "num_classes": ck["num_classes"],
-            "img_size": ck["img_size"], "model_kwargs": dict(ck.get("model_kwargs", {})),
-            "compact": desc, "state_dict": sd}
+    return {
+        "format": FORMAT,
+        "arch": ck["arch"],
+        "num_classes": ck["num_classes"],
+        "img_size": ck["img_size"],
+        "model_kwargs": dict(ck.get("model_kwargs", {})),
+        "compact": desc,
+        "state_dict": sd,
+    }
 
 
 # ------------------------------------------------------------------------- measuring
@@ -99,8 +106,7 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     return fc.get_total_flops() // 2
 
 
-def latency_ms(models: dict[str, nn.Module], x: torch.Tensor, warmup: int = 2,
-               repeats: int = 10) -> dict[str, float]:
+def latency_ms(models: dict[str, nn.Module], x: torch.Tensor, warmup: int = 2, repeats: int = 10) -> dict[str, float]:
     """Median wall time (ms) of one forward of each model on `x`, after `warmup` forwards.
 
     The models take turns within each repeat, so a change in machine load hits all alike.
@@ -129,11 +135,14 @@ def random_input(batch: int, img_size: int, device: str | torch.device = "cpu", 
     return torch.randn(batch, 3, img_size, img_size, generator=g).to(device)
 
 
-def compare(models: dict[str, nn.Module], img_size: int, devices: list[str], batches=(1, 64),
-            warmup: int = 2, repeats: int = 10) -> list[dict]:
+def compare(
+    models: dict[str, nn.Module], img_size: int, devices: list[str], batches=(1, 64), warmup: int = 2, repeats: int = 10
+) -> list[dict]:
     """Per model: params, MACs per image, and latency (ms) at each device and batch size."""
-    rows = [{"model": name, "params": count_params(m), "macs": count_macs(m, random_input(1, img_size))}
-            for name, m in models.items()]
+    rows = [
+        {"model": name, "params": count_params(m), "macs": count_macs(m, random_input(1, img_size))}
+        for name, m in models.items()
+    ]
     for dev in devices:
         on_dev = {name: m.to(dev) for name, m in models.items()}
         for b in batches:
@@ -167,8 +176,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a state checkpoint, e.g. DIR/3checkpoint.pth.tar")
     p.add_argument("--out", required=True, help="file to write the compact model to")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="latency on CPU, plus CUDA with auto (when present) or cuda")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="latency on CPU, plus CUDA with auto (when present) or cuda",
+    )
     p.add_argument("--batch", type=int, default=64, help="large batch for the check and the latency")
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards before timing")
     p.add_argument("--repeats", type=int, default=10, help="timed forwards (the median is reported)")
@@ -180,7 +193,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise ExportError("--device cuda: CUDA is not available on this machine")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if os.path.isdir(args.out) or args.out.endswith(os.sep):
-        raise ExportError(f"--out {args.out}: is a folder; give a file name, e.g. {os.path.join(args.out, 'compact.pt')}")
+        raise ExportError(
+            f"--out {args.out}: is a folder; give a file name, e.g. {os.path.join(args.out, 'compact.pt')}"
+        )
     if not os.path.isdir(out_dir):
         raise ExportError(f"--out {args.out}: folder {out_dir} does not exist")
     if not os.access(out_dir, os.W_OK) or (os.path.exists(args.out) and not os.access(args.out, os.W_OK)):
@@ -201,24 +216,34 @@ def target_density_warning(ck: dict, path: str) -> str | None:
             target = None
     if not target:
         return None
-    density = lambda masks: sum(int(m.count_nonzero()) for m in masks.values()) / max(1, sum(m.numel() for m in masks.values()))
+    density = lambda masks: (
+        sum(int(m.count_nonzero()) for m in masks.values()) / max(1, sum(m.numel() for m in masks.values()))
+    )
     dense, goal = density(ck["mask"]), density(target)
     if dense <= goal + 1e-9:
         return None
-    return (f"warning: this checkpoint's mask keeps {100 * dense:.2f}% of the prunable weights, more than its "
-            f"state's structured target ({100 * goal:.2f}%): it is not the state's ticket")
+    return (
+        f"warning: this checkpoint's mask keeps {100 * dense:.2f}% of the prunable weights, more than its "
+        f"state's structured target ({100 * goal:.2f}%): it is not the state's ticket"
+    )
 
 
 def describe(desc: dict, model: nn.Module) -> str:
     """One line of units kept per layer."""
     if desc["family"] == "vit":
         total_h, hidden = model.blocks[0].attn.num_heads, model.blocks[0].mlp.fc1.out_features
-        return ("heads kept per block: " + " ".join(f"{h}/{total_h}" for h in desc["num_heads"])
-                + "\nMLP neurons kept per block: " + " ".join(f"{n}/{hidden}" for n in desc["mlp_hidden"]))
+        return (
+            "heads kept per block: "
+            + " ".join(f"{h}/{total_h}" for h in desc["num_heads"])
+            + "\nMLP neurons kept per block: "
+            + " ".join(f"{n}/{hidden}" for n in desc["mlp_hidden"])
+        )
     mods = dict(model.named_modules())
     kept = " ".join(f"{n}:{c}/{mods[n].out_channels}" for n, c in desc["channels"].items()) or "none removed"
-    return (f"block-internal channels kept: {kept}\nconsumers with folded constants: "
-            f"{', '.join(desc['folded']) or 'none'} (residual-stream channels stay)")
+    return (
+        f"block-internal channels kept: {kept}\nconsumers with folded constants: "
+        f"{', '.join(desc['folded']) or 'none'} (residual-stream channels stay)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,18 +261,24 @@ def main(argv: list[str] | None = None) -> int:
     compact = build_compact(artifact)
     print(describe(artifact["compact"], masked))
     diff = max_abs_diff(masked, compact, random_input(args.batch, ck["img_size"]))
-    print(f"equivalence: max |compact - masked| = {diff:.2e} on a random batch of {args.batch} "
-          f"(fp32, eval; tolerance {TOLERANCE:g})")
+    print(
+        f"equivalence: max |compact - masked| = {diff:.2e} on a random batch of {args.batch} "
+        f"(fp32, eval; tolerance {TOLERANCE:g})"
+    )
     if not diff <= TOLERANCE:
-        print(f"error: the compact model differs from the masked model by {diff:.2e}; "
-              f"nothing written to {args.out}", file=sys.stderr)
+        print(
+            f"error: the compact model differs from the masked model by {diff:.2e}; nothing written to {args.out}",
+            file=sys.stderr,
+        )
         return 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = ["cpu"] + (["cuda"] if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                         else [])
-    rows = compare({"masked": masked, "compact": compact}, ck["img_size"], devices, (1, args.batch),
-                   args.warmup, args.repeats)
+    devices = ["cpu"] + (
+        ["cuda"] if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else []
+    )
+    rows = compare(
+        {"masked": masked, "compact": compact}, ck["img_size"], devices, (1, args.batch), args.warmup, args.repeats
+    )
     print(f"threads {torch.get_num_threads()}; MACs per image; latency = median of {args.repeats} forwards")
     print(format_table(rows))
     torch.save(artifact, args.out)

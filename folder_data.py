@@ -12,6 +12,7 @@ per image for DataLoader workers to copy); images are decoded and transformed pe
 workers. Decoding uses torchvision.io (libjpeg-turbo; faster than PIL on our CPUs, see
 bench/bench_folder.py), with PIL for the formats it does not read.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,19 +36,20 @@ SPLIT_SEED = 0
 @dataclass
 class FileList:
     """Image files under `root` (relative paths as one fixed-width byte array) and labels."""
+
     root: str
     paths: np.ndarray  # dtype S<n>
     labels: np.ndarray  # int64
 
     @classmethod
-    def from_samples(cls, root: str, samples: list[tuple[str, int]]) -> "FileList":
+    def from_samples(cls, root: str, samples: list[tuple[str, int]]) -> FileList:
         rel = [os.path.relpath(p, root).encode() for p, _ in samples]
         return cls(root, np.array(rel, dtype=bytes), np.array([y for _, y in samples], dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, idx) -> "FileList":
+    def subset(self, idx) -> FileList:
         idx = np.asarray(idx, dtype=np.int64)
         return FileList(self.root, self.paths[idx], self.labels[idx])
 
@@ -62,8 +64,11 @@ def _images_of(folder: str) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames.sort()
         rel = os.path.relpath(dirpath, folder)
-        out += [os.path.normpath(os.path.join(rel, f)) for f in sorted(filenames)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        out += [
+            os.path.normpath(os.path.join(rel, f))
+            for f in sorted(filenames)
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+        ]
     return out
 
 
@@ -79,8 +84,9 @@ def scan_split(split_dir: str, flag: str) -> tuple[list[str], FileList]:
     for label, name in enumerate(classes):
         files = _images_of(os.path.join(split_dir, name))
         if not files:
-            raise DataError(f"{flag}: class folder {os.path.join(split_dir, name)} holds no images "
-                            f"({', '.join(IMAGE_EXTENSIONS)})")
+            raise DataError(
+                f"{flag}: class folder {os.path.join(split_dir, name)} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
         samples += [(os.path.join(split_dir, name, f), label) for f in files]
     return classes, FileList.from_samples(split_dir, samples)
 
@@ -89,8 +95,10 @@ def _same_classes(train: list[str], other: list[str], other_dir: str, flag: str)
     if train != other:
         missing, extra = sorted(set(train) - set(other)), sorted(set(other) - set(train))
         show = lambda names: ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
-        raise DataError(f"{flag}: the classes of {other_dir} differ from train/ "
-                        f"(missing: {show(missing) or 'none'}; extra: {show(extra) or 'none'})")
+        raise DataError(
+            f"{flag}: the classes of {other_dir} differ from train/ "
+            f"(missing: {show(missing) or 'none'}; extra: {show(extra) or 'none'})"
+        )
 
 
 def holdout(labels: np.ndarray, per_class: int = VAL_PER_CLASS) -> tuple[np.ndarray, np.ndarray]:
@@ -126,10 +134,12 @@ def scan_folder(name: str, root: str) -> tuple[list[str], FileList, FileList, Fi
 def read_image(path: str) -> torch.Tensor:
     """uint8 RGB [3, H, W] of an image file: torchvision.io (JPEG, PNG, WebP, GIF), else PIL."""
     from torchvision.io import ImageReadMode, decode_image
+
     try:
         return decode_image(path, mode=ImageReadMode.RGB)
     except RuntimeError:  # a format torchvision does not decode (BMP, TIFF, ...)
         from PIL import Image
+
         with Image.open(path) as im:
             return v2.functional.pil_to_tensor(im.convert("RGB"))
 

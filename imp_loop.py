@@ -5,6 +5,7 @@ H, M, R, P of the current state), the RSST penalty, and the run files in the sav
 optimizer step is followed by the penalty (RSST) and the hard mask, which also zeroes the
 BatchNorm scale and shift of dropped CNN channels, so a dropped unit is dead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,26 +16,57 @@ from dataclasses import dataclass
 import torch
 
 import pruning_utils as pu
-from checkpoints import (Interrupted, StopFlag, check_resume_processes, copy_state, epoch_seed, init_weights,
-                         own_rng_states, rank_seed, read_checkpoint, rng_states, save_atomic, seed_all,
-                         set_rng_states)
+from checkpoints import (
+    Interrupted,
+    StopFlag,
+    check_resume_processes,
+    copy_state,
+    epoch_seed,
+    init_weights,
+    own_rng_states,
+    rank_seed,
+    read_checkpoint,
+    rng_states,
+    save_atomic,
+    seed_all,
+    set_rng_states,
+)
 from dataset import load_splits
-from distributed import (all_sum, barrier, broadcast_masks, gather_to_main, init_distributed, max_over_ranks,
-                         rank_zero_first, select_device, shutdown, wrap_for_training)
+from distributed import (
+    all_sum,
+    barrier,
+    broadcast_masks,
+    gather_to_main,
+    init_distributed,
+    max_over_ranks,
+    rank_zero_first,
+    select_device,
+    shutdown,
+    wrap_for_training,
+)
 from errors import UsageError
 from loaders import EpochSampler, build_loaders, calibration_batches
 from mask_plots import load_state_masks, plot_masks, unit_kinds
 from models import create_model, input_norm, is_vit
 from reporting import Logger, plot_state_progress, plot_summary, state_row, write_summary
 from rsst import RSSTPenalty, describe_plan, norm_penalty, plan_penalty
-from trainer import (amp_dtype, build_optimizer, build_scheduler, evaluate, grad_scaler, mixup_fn,
-                     parse_milestones, train_one_epoch)
+from trainer import (
+    amp_dtype,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    grad_scaler,
+    mixup_fn,
+    parse_milestones,
+    train_one_epoch,
+)
 from vit_pruning_utils import head_report, vit_unit_groups
 
 
 @dataclass
 class Ticket:
     """The masks of one state: H trained under, M unstructured, R structured target, P penalized."""
+
     hard: pu.Masks
     imp: pu.Masks
     target: pu.Masks
@@ -44,7 +76,7 @@ class Ticket:
         return {k: pu.masks_to_bool(getattr(self, k)) for k in ("hard", "imp", "target", "penalty")}
 
     @classmethod
-    def from_saved(cls, saved: dict, device) -> "Ticket":
+    def from_saved(cls, saved: dict, device) -> Ticket:
         return cls(**{k: pu.masks_from_bool(saved[k], device) for k in ("hard", "imp", "target", "penalty")})
 
 
@@ -88,9 +120,18 @@ class IMPRun:
         self.sampler = EpochSampler(len(self.data.train), self.dist.rank, self.dist.world)
         self.train_batch = max(1, args.batch_size // self.dist.world)
         self.train_loader, self.val_loader, self.test_loader = build_loaders(
-            self.data, args.dataset, strong, self.device, self.sampler, self.train_batch,
+            self.data,
+            args.dataset,
+            strong,
+            self.device,
+            self.sampler,
+            self.train_batch,
             args.eval_batch_size or 2 * args.batch_size,
-            args.workers, batched=not args.no_gpu_data, rank=self.dist.rank, world=self.dist.world)
+            args.workers,
+            batched=not args.no_gpu_data,
+            rank=self.dist.rank,
+            world=self.dist.world,
+        )
         self.steps_per_epoch = len(self.train_loader)
         self.mixup = mixup_fn(args.mixup, args.cutmix, args.label_smoothing, self.data.num_classes)
         self.rows: list[dict] = []
@@ -101,8 +142,9 @@ class IMPRun:
         self.set_ticket(Ticket(ones, ones, ones, {n: torch.zeros_like(m) for n, m in ones.items()}))
         self.net = wrap_for_training(self.model, self.dist, self.device, args.compile)
         mode = args.wandb if self.dist.is_main else "disabled"
-        self.logger = Logger(mode, args.wandb_project, args.exp_name, vars(args), args.save_dir,
-                             (resume_ck or {}).get("wandb_id"))
+        self.logger = Logger(
+            mode, args.wandb_project, args.exp_name, vars(args), args.save_dir, (resume_ck or {}).get("wandb_id")
+        )
 
     # ---- setup
     def _regroup_groups(self) -> list[pu.UnitGroup]:
@@ -153,10 +195,12 @@ class IMPRun:
             stats = None
             if a.criteria in pu.ACTIVATION_CRITERIA:
                 batches = calibration_batches(self.data.train_plain, a.calib_batches, a.batch_size, a.seed + state)
-                stats = pu.collect_activation_stats(self.model, self.groups, batches, self.device,
-                                                    with_saliency=a.criteria == "saliency")
-            target, reports = pu.regroup(self.groups, self.weights, imp, a.criteria, stats,
-                                         a.fillback_rate, a.sorting_mode)
+                stats = pu.collect_activation_stats(
+                    self.model, self.groups, batches, self.device, with_saliency=a.criteria == "saliency"
+                )
+            target, reports = pu.regroup(
+                self.groups, self.weights, imp, a.criteria, stats, a.fillback_rate, a.sorting_mode
+            )
             self._print_regroup(reports)
         else:
             target = {n: m.clone() for n, m in imp.items()}
@@ -172,8 +216,9 @@ class IMPRun:
 
     def _print_regroup(self, reports: list[dict]) -> None:
         a = self.args
-        self.say(f"regroup: criteria {a.criteria}, prune ratio {a.rate}, mode {a.sorting_mode}, "
-                 f"fillback {a.fillback_rate}")
+        self.say(
+            f"regroup: criteria {a.criteria}, prune ratio {a.rate}, mode {a.sorting_mode}, fillback {a.fillback_rate}"
+        )
         if self.vit and any(r["kind"] == "head" for r in reports):
             self.say(head_report(self.model, reports))
         for kind in ("channel", "neuron"):
@@ -185,11 +230,30 @@ class IMPRun:
     def new_penalty(self, step: int = 0, last_lambda: float = 0.0) -> RSSTPenalty:
         """This state's penalty (inactive for Refill, state 0 and an empty P), planned per --reg_mode."""
         a = self.args
-        self.plan = plan_penalty(a.reg_mode, self.steps_per_epoch * a.epochs, a.lr, a.reg_granularity_prune,
-                                 a.RST_schedule, a.exponents, a.reg_target, a.reg_end)
+        self.plan = plan_penalty(
+            a.reg_mode,
+            self.steps_per_epoch * a.epochs,
+            a.lr,
+            a.reg_granularity_prune,
+            a.RST_schedule,
+            a.exponents,
+            a.reg_target,
+            a.reg_end,
+        )
         extra = norm_penalty(self.groups, self.modules, self.ticket.penalty)
-        return RSSTPenalty(self.weights, self.ticket.penalty, a.lr, self.plan.strength, a.RST_schedule,
-                           a.exponents, self.plan.end_step, step, extra, last_lambda, self.scale_updates)
+        return RSSTPenalty(
+            self.weights,
+            self.ticket.penalty,
+            a.lr,
+            self.plan.strength,
+            a.RST_schedule,
+            a.exponents,
+            self.plan.end_step,
+            step,
+            extra,
+            last_lambda,
+            self.scale_updates,
+        )
 
     @property
     def scale_updates(self) -> bool:
@@ -203,11 +267,18 @@ class IMPRun:
         """Train `state` from `start_epoch`; `ck` restores a state interrupted mid-way."""
         a = self.args
         opt = build_optimizer(self.model, a.optimizer, a.lr, a.momentum, a.weight_decay)
-        sched = build_scheduler(opt, self.steps_per_epoch, a.epochs, a.warmup, a.lr_schedule,
-                                parse_milestones(a.decreasing_lr))
+        sched = build_scheduler(
+            opt, self.steps_per_epoch, a.epochs, a.warmup, a.lr_schedule, parse_milestones(a.decreasing_lr)
+        )
         pen = self.new_penalty()
-        st = {"history": [], "best": {"val_acc": -1.0}, "trace": {"step": [], "lambda": [], "norm": [], "planned": []},
-              "start_norm": pen.penalized_norm(), "elapsed": 0.0, "removal": None}
+        st = {
+            "history": [],
+            "best": {"val_acc": -1.0},
+            "trace": {"step": [], "lambda": [], "norm": [], "planned": []},
+            "start_norm": pen.penalized_norm(),
+            "elapsed": 0.0,
+            "removal": None,
+        }
         partial = None
         if ck is not None:
             opt.load_state_dict(ck["optimizer"])
@@ -216,8 +287,14 @@ class IMPRun:
             st.update(ck["state_progress"])
             partial = ck.get("partial")
         elif pen.active:
-            for line in describe_plan(self.plan, a.reg_mode, a.reg_target, a.reg_granularity_prune,
-                                      self.steps_per_epoch * a.epochs, self.scale_updates):
+            for line in describe_plan(
+                self.plan,
+                a.reg_mode,
+                a.reg_target,
+                a.reg_granularity_prune,
+                self.steps_per_epoch * a.epochs,
+                self.scale_updates,
+            ):
                 self.say(f"state {state:2d} {line}")
         log_every = max(1, pen.end_step // 200)
         scaler = grad_scaler(self.amp)
@@ -245,16 +322,31 @@ class IMPRun:
             self.sampler.set_epoch(s, partial["steps"] * self.train_batch if partial else 0)
             if partial:
                 set_rng_states(own_rng_states(partial["rng"], self.dist.rank), self.device)
-            tr = train_one_epoch(self.net, self.train_loader, opt, sched, self.device, after_step,
-                                 a.label_smoothing, self.mixup, f"state {state} epoch {epoch + 1}",
-                                 partial["totals"] if partial else None, lambda t: all_sum(t, self.dist),
-                                 self.amp, out["scaler"])
+            tr = train_one_epoch(
+                self.net,
+                self.train_loader,
+                opt,
+                sched,
+                self.device,
+                after_step,
+                a.label_smoothing,
+                self.mixup,
+                f"state {state} epoch {epoch + 1}",
+                partial["totals"] if partial else None,
+                lambda t: all_sum(t, self.dist),
+                self.amp,
+                out["scaler"],
+            )
             partial = None
             st["elapsed"] += time.time() - t0
             if tr["stopped"]:
                 rng = gather_to_main(rng_states(self.device), self.dist)  # each rank's own streams
-                self.save(self._payload(state, epoch, "train", out, {"steps": tr["totals"]["steps"],
-                          "totals": tr["totals"], "rng": rng}), "latest.pth.tar")
+                self.save(
+                    self._payload(
+                        state, epoch, "train", out, {"steps": tr["totals"]["steps"], "totals": tr["totals"], "rng": rng}
+                    ),
+                    "latest.pth.tar",
+                )
                 barrier(self.dist)  # no rank exits before the checkpoint is written
                 raise Interrupted(self.stop_signal)
             self._end_epoch(state, epoch, tr, out)
@@ -281,11 +373,21 @@ class IMPRun:
 
     def _trace(self, state: int, pen: RSSTPenalty, st: dict) -> None:
         ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
-        for key, v in (("step", pen.step_count), ("lambda", pen.last_lambda), ("norm", ratio),
-                       ("planned", pen.planned_ratio())):
+        for key, v in (
+            ("step", pen.step_count),
+            ("lambda", pen.last_lambda),
+            ("norm", ratio),
+            ("planned", pen.planned_ratio()),
+        ):
             st["trace"].setdefault(key, []).append(v)
-        self.logger.log({"global_step": self.global_step, "state": state, "reg_lambda": pen.last_lambda,
-                         "penalized_norm_ratio": ratio})
+        self.logger.log(
+            {
+                "global_step": self.global_step,
+                "state": state,
+                "reg_lambda": pen.last_lambda,
+                "penalized_norm_ratio": ratio,
+            }
+        )
 
     def _remove_penalized(self, state: int, pen: RSSTPenalty, st: dict) -> None:
         """The end of the ramp: measure, zero P (mask <- R), measure again, train on under R."""
@@ -299,31 +401,51 @@ class IMPRun:
         self.model.train()
         st["removal"] = {"step": pen.step_count, "soft": soft, "hard": hard, "norm_ratio": ratio}
         left = self.steps_per_epoch * a.epochs - pen.step_count
-        self.say(f"state {state:2d} RSST removal at step {pen.step_count}: penalized norm ratio {ratio:.3g} "
-                 f"(predicted {self.plan.predicted_ratio:.3g}), soft test acc {soft:.2f} -> hard {hard:.2f}"
-                 + (f"; recovering for {left} steps" if left else ""))
+        self.say(
+            f"state {state:2d} RSST removal at step {pen.step_count}: penalized norm ratio {ratio:.3g} "
+            f"(predicted {self.plan.predicted_ratio:.3g}), soft test acc {soft:.2f} -> hard {hard:.2f}"
+            + (f"; recovering for {left} steps" if left else "")
+        )
         if a.reg_mode == "calibrated" and ratio > 10 * a.reg_target:
-            self.say(f"warning: penalized norm ratio {ratio:.3g} is above 10x --reg_target {a.reg_target:g}: "
-                     "training pushed back against the penalty (try a larger --reg_granularity_prune)")
+            self.say(
+                f"warning: penalized norm ratio {ratio:.3g} is above 10x --reg_target {a.reg_target:g}: "
+                "training pushed back against the penalty (try a larger --reg_granularity_prune)"
+            )
 
     def _end_epoch(self, state: int, epoch: int, tr: dict, out: dict) -> None:
         """Evaluate, log, keep the best-val checkpoint of the state's final mask, write latest."""
         a, st, pen = self.args, out["st"], out["pen"]
         va = self._evaluate(self.val_loader)
         te = self._evaluate(self.test_loader)
-        row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
-               "val_acc": va["acc"], "test_loss": te["loss"], "test_acc": te["acc"], "lr": tr["lr"],
-               "reg_lambda": pen.last_lambda if pen.active and not st["removal"] else 0.0}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": tr["loss"],
+            "train_acc": tr["acc"],
+            "val_loss": va["loss"],
+            "val_acc": va["acc"],
+            "test_loss": te["loss"],
+            "test_acc": te["acc"],
+            "lr": tr["lr"],
+            "reg_lambda": pen.last_lambda if pen.active and not st["removal"] else 0.0,
+        }
         st["history"].append(row)
         final_mask = not pen.active or st["removal"] is not None  # RSST: only epochs after removal
         if final_mask and va["acc"] > st["best"]["val_acc"]:
             st["best"] = {"val_acc": va["acc"], "test_acc": te["acc"], "epoch": epoch + 1}
             self.save(self._payload(state, epoch + 1, "best", out, slim=True), f"{state}model_SA_best.pth.tar")
-        self.say(f"state {state:2d} epoch {epoch + 1:3d}/{a.epochs} | train loss {tr['loss']:.4f} acc {tr['acc']:6.2f}"
-                 f" | val {va['acc']:6.2f} | test {te['acc']:6.2f} | lr {tr['lr']:.2e}"
-                 + (f" | lambda {pen.last_lambda:.3g}" if pen.active and not st["removal"] else ""))
-        self.logger.log({"global_step": self.global_step, "state": state, "epoch": epoch + 1,
-                         **{k: v for k, v in row.items() if k != "epoch"}})
+        self.say(
+            f"state {state:2d} epoch {epoch + 1:3d}/{a.epochs} | train loss {tr['loss']:.4f} acc {tr['acc']:6.2f}"
+            f" | val {va['acc']:6.2f} | test {te['acc']:6.2f} | lr {tr['lr']:.2e}"
+            + (f" | lambda {pen.last_lambda:.3g}" if pen.active and not st["removal"] else "")
+        )
+        self.logger.log(
+            {
+                "global_step": self.global_step,
+                "state": state,
+                "epoch": epoch + 1,
+                **{k: v for k, v in row.items() if k != "epoch"},
+            }
+        )
         if a.prune_type == "rewind_lt" and state == 0 and epoch + 1 == a.rewind_epoch:
             self.theta_r = copy_state(self.model)
             self.save({"state_dict": self.theta_r}, "rewind.pth.tar")
@@ -339,11 +461,20 @@ class IMPRun:
         self.state_masks.append(pu.masks_to_bool(self.ticket.hard))
         if self.dist.is_main:
             self._write_reports(state, st)
-        self.logger.log({"global_step": self.global_step, "state": state, "remaining_weights": row["remaining_weights"],
-                         "imp_density": row["imp_density"], "state_test_acc": row["final_test_acc"],
-                         "state_best_val_acc": row["best_val_acc"]})
-        self.say(f"== state {state} done: remaining {row['remaining_weights']:.2f}% (imp {row['imp_density']:.2f}%), "
-                 f"units {row['heads_kept'] or row['channels_kept']}, test acc {row['final_test_acc']:.2f} ==")
+        self.logger.log(
+            {
+                "global_step": self.global_step,
+                "state": state,
+                "remaining_weights": row["remaining_weights"],
+                "imp_density": row["imp_density"],
+                "state_test_acc": row["final_test_acc"],
+                "state_best_val_acc": row["best_val_acc"],
+            }
+        )
+        self.say(
+            f"== state {state} done: remaining {row['remaining_weights']:.2f}% (imp {row['imp_density']:.2f}%), "
+            f"units {row['heads_kept'] or row['channels_kept']}, test acc {row['final_test_acc']:.2f} =="
+        )
         if self.dist.enabled:
             digest = sum(float(m.sum()) * (i + 1) for i, m in enumerate(self.ticket.hard.values()))
             print(f"rank {self.dist.rank} state {state} mask digest {digest:.1f}", flush=True)
@@ -370,25 +501,44 @@ class IMPRun:
             if last or not os.path.isfile(os.path.join(a.save_dir, f"{s}_curves.png")):
                 ck = read_checkpoint(os.path.join(a.save_dir, f"{s}checkpoint.pth.tar"))
                 if ck is not None:
-                    self._write_reports(s, ck["state_progress"]) if last else \
-                        plot_state_progress(a.save_dir, s, ck["state_progress"], a.exp_name, self._penalty_title())
+                    self._write_reports(s, ck["state_progress"]) if last else plot_state_progress(
+                        a.save_dir, s, ck["state_progress"], a.exp_name, self._penalty_title()
+                    )
 
-    def _payload(self, state: int, epoch: int, phase: str, out: dict, partial: dict | None = None,
-                 slim: bool = False) -> dict:
+    def _payload(
+        self, state: int, epoch: int, phase: str, out: dict, partial: dict | None = None, slim: bool = False
+    ) -> dict:
         """A checkpoint: weights and masks always; the optimizer and progress unless `slim`."""
-        ck = {"phase": phase, "state": state, "epoch": epoch, "arch": self.args.arch, "dataset": self.args.dataset,
-              "num_classes": self.data.num_classes, "img_size": self.data.img_size,
-              "config": dict(vars(self.args)), "state_dict": self.model.state_dict(),
-              "world": self.dist.world, "threads": torch.get_num_threads()}
+        ck = {
+            "phase": phase,
+            "state": state,
+            "epoch": epoch,
+            "arch": self.args.arch,
+            "dataset": self.args.dataset,
+            "num_classes": self.data.num_classes,
+            "img_size": self.data.img_size,
+            "config": dict(vars(self.args)),
+            "state_dict": self.model.state_dict(),
+            "world": self.dist.world,
+            "threads": torch.get_num_threads(),
+        }
         masks = self.ticket.to_saved()
         if slim:
             return {**ck, "mask": masks["hard"]}
         ck.update(masks=masks, mask=masks["hard"])  # one tensor, stored once
-        return {**ck, "partial": partial, "optimizer": out["opt"].state_dict(), "scheduler": out["sched"].state_dict(),
-                "rsst_step": out["pen"].step_count, "rsst_lambda": out["pen"].last_lambda,
-                "scaler": out["scaler"].state_dict() if out["scaler"].is_enabled() else None,
-                "state_progress": out["st"], "rows": list(self.rows), "global_step": self.global_step,
-                "wandb_id": self.logger.run_id}
+        return {
+            **ck,
+            "partial": partial,
+            "optimizer": out["opt"].state_dict(),
+            "scheduler": out["sched"].state_dict(),
+            "rsst_step": out["pen"].step_count,
+            "rsst_lambda": out["pen"].last_lambda,
+            "scaler": out["scaler"].state_dict() if out["scaler"].is_enabled() else None,
+            "state_progress": out["st"],
+            "rows": list(self.rows),
+            "global_step": self.global_step,
+            "wandb_id": self.logger.run_id,
+        }
 
     def close(self) -> None:
         shutdown(self.dist)
@@ -409,8 +559,10 @@ class IMPRun:
                 start_epoch, mid = resume_ck["epoch"], resume_ck
             self._rebuild_reports()
             if state >= a.pruning_times:
-                self.say(f"{a.save_dir}: the run has finished all {a.pruning_times} states; summary and plots "
-                         "are complete, nothing to resume")
+                self.say(
+                    f"{a.save_dir}: the run has finished all {a.pruning_times} states; summary and plots "
+                    "are complete, nothing to resume"
+                )
                 return
             self.say(f"resuming {a.save_dir} at state {state} epoch {start_epoch}")
         while state < a.pruning_times:
@@ -419,9 +571,11 @@ class IMPRun:
                     self.set_ticket(self.next_ticket(state - 1))
                 self.rewind()
                 t = self.ticket
-                self.say(f"== state {state}/{a.pruning_times - 1}: imp density {100 * pu.density(t.imp):.2f}%, "
-                         f"trained density {100 * pu.density(t.hard):.2f}%, target {100 * pu.density(t.target):.2f}%, "
-                         f"penalized {pu.count_ones(t.penalty)} weights ==")
+                self.say(
+                    f"== state {state}/{a.pruning_times - 1}: imp density {100 * pu.density(t.imp):.2f}%, "
+                    f"trained density {100 * pu.density(t.hard):.2f}%, target {100 * pu.density(t.target):.2f}%, "
+                    f"penalized {pu.count_ones(t.penalty)} weights =="
+                )
             out = self.train_state(state, start_epoch, mid)
             self.finish_state(state, out)
             state, start_epoch, mid = state + 1, 0, None

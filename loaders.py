@@ -6,6 +6,7 @@ gather ops, TrivialAugment with one op per group of images. Folder datasets go t
 DataLoader with workers and per-sample transforms. Either way an epoch's order and randomness
 come from (epoch seed, position, rank) alone, so a resumed run continues exactly.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,8 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self):
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
-        shard = perm[: self.n // self.world * self.world][self.rank::self.world]
-        return iter(shard[self.start:].tolist())
+        shard = perm[: self.n // self.world * self.world][self.rank :: self.world]
+        return iter(shard[self.start :].tolist())
 
     def __len__(self) -> int:
         return self.n // self.world - self.start
@@ -50,12 +51,20 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def make_loader(ds: Dataset, batch_size: int, workers: int, sampler: Sampler | None = None,
-                drop_last: bool = False) -> DataLoader:
+def make_loader(
+    ds: Dataset, batch_size: int, workers: int, sampler: Sampler | None = None, drop_last: bool = False
+) -> DataLoader:
     """A DataLoader in `sampler` order (sequential without one). Workers persist across epochs:
     our datasets read the epoch seed from shared memory (dataset.SeededTransforms)."""
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+    )
 
 
 def calibration_batches(ds: Dataset, batches: int, batch_size: int, seed: int) -> list:
@@ -64,7 +73,7 @@ def calibration_batches(ds: Dataset, batches: int, batch_size: int, seed: int) -
     idx = torch.randperm(len(ds), generator=g)[: batches * batch_size].tolist()
     out = []
     for b in range(0, len(idx), batch_size):
-        items = [ds[i] for i in idx[b:b + batch_size]]
+        items = [ds[i] for i in idx[b : b + batch_size]]
         out.append((torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])))
     return out
 
@@ -98,9 +107,17 @@ class DeviceLoader:
     group of `trivial_group` images.
     """
 
-    def __init__(self, ds: "ImageTensors", aug: Augment, batch_size: int, device: torch.device,
-                 sampler: Sampler | None = None, drop_last: bool = False, trivial_group: int = 8,
-                 rank: int = 0):
+    def __init__(
+        self,
+        ds: ImageTensors,
+        aug: Augment,
+        batch_size: int,
+        device: torch.device,
+        sampler: Sampler | None = None,
+        drop_last: bool = False,
+        trivial_group: int = 8,
+        rank: int = 0,
+    ):
         self.images = ds.images.to(device)
         self.labels = ds.labels.to(device)
         self.ds, self.aug, self.batch_size, self.device = ds, aug, batch_size, device
@@ -117,8 +134,8 @@ class DeviceLoader:
         order = torch.tensor(list(self.sampler) if self.sampler is not None else range(len(self.labels)))
         start = getattr(self.sampler, "start", 0) // self.batch_size
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size].to(self.device)
-            seed = (self.ds.epoch_seed * 1_000_003 + start + b + self.rank * 0x9E3779B97F4A7C15) % (2 ** 63)
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size].to(self.device)
+            seed = (self.ds.epoch_seed * 1_000_003 + start + b + self.rank * 0x9E3779B97F4A7C15) % (2**63)
             g = torch.Generator().manual_seed(seed)
             x = crop_flip_batch(self.images[idx], self.aug.pad, self.aug.flip, g)
             if self.trivial is not None:
@@ -128,9 +145,19 @@ class DeviceLoader:
             yield (x.float() - self.mean) / self.std, self.labels[idx]
 
 
-def build_loaders(data: DataSplits, dataset: str, strong: bool, device: torch.device, sampler: Sampler,
-                  batch_size: int, eval_batch_size: int, workers: int, batched: bool = True,
-                  rank: int = 0, world: int = 1) -> tuple:
+def build_loaders(
+    data: DataSplits,
+    dataset: str,
+    strong: bool,
+    device: torch.device,
+    sampler: Sampler,
+    batch_size: int,
+    eval_batch_size: int,
+    workers: int,
+    batched: bool = True,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple:
     """(train, val, test) loaders. In-memory data: `DeviceLoader`s on `device` (GPU-resident on
     CUDA, batched on the CPU) unless `batched` is False; folder data: DataLoaders with workers.
     Each rank evaluates its shard of val and test (`ShardSampler`)."""
@@ -138,9 +165,13 @@ def build_loaders(data: DataSplits, dataset: str, strong: bool, device: torch.de
     shard = lambda ds: ShardSampler(len(ds), rank, world)
     if batched and isinstance(data.train, ImageTensors):
         aug, plain = augment_for(dataset, strong, True), augment_for(dataset, strong, False)
-        return (DeviceLoader(data.train, aug, batch_size, device, sampler, drop_last, rank=rank),
-                DeviceLoader(data.val, plain, eval_batch_size, device, shard(data.val)),
-                DeviceLoader(data.test, plain, eval_batch_size, device, shard(data.test)))
-    return (make_loader(data.train, batch_size, workers, sampler, drop_last),
-            make_loader(data.val, eval_batch_size, workers, shard(data.val)),
-            make_loader(data.test, eval_batch_size, workers, shard(data.test)))
+        return (
+            DeviceLoader(data.train, aug, batch_size, device, sampler, drop_last, rank=rank),
+            DeviceLoader(data.val, plain, eval_batch_size, device, shard(data.val)),
+            DeviceLoader(data.test, plain, eval_batch_size, device, shard(data.test)),
+        )
+    return (
+        make_loader(data.train, batch_size, workers, sampler, drop_last),
+        make_loader(data.val, eval_batch_size, workers, shard(data.val)),
+        make_loader(data.test, eval_batch_size, workers, shard(data.test)),
+    )

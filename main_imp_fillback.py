@@ -9,6 +9,7 @@ growing penalty on P = M and not R, then removes P. See ALGORITHM.md and CLI.md.
 This module is the command line: parse, validate, set up, run. Bad input is reported before
 torch is imported (instant); the state loop lives in imp_loop.py, run files in checkpoints.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ SCHEDULES = ("exp", "exp_custom", "exp_custom_exponents", "x", "x^2", "x^3")
 VIT_TARGETS = ("head", "mlp", "both")
 RUNTIME_KEYS = ("config", "resume", "checkpoint", "overwrite", "wandb", "device", "workers", "threads")
 RUN_KEYS = ("save_dir", "exp_name")  # name a run: not taken from --config, kept on --resume
-MAX_SEED = 2 ** 32 - 1
+MAX_SEED = 2**32 - 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,19 +44,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default="cifar10", choices=DATASETS, help="dataset")
     g.add_argument("--data", default="data", help="dataset root (CIFAR is downloaded here when reachable)")
     g.add_argument("--batch_size", type=int, default=128, help="batch size (global, split over ranks)")
-    g.add_argument("--workers", type=int, default=None, help="loader workers (default: 0 for in-memory data, else min(4, cpus))")
+    g.add_argument(
+        "--workers", type=int, default=None, help="loader workers (default: 0 for in-memory data, else min(4, cpus))"
+    )
     g.add_argument("--synthetic_size", type=int, default=512, help="training images of --dataset synthetic")
     g.add_argument("--img_size", type=int, default=None, help="input size of imagenet/folder data (default: 224)")
-    g.add_argument("--eval_batch_size", type=int, default=None, help="evaluation batch size (default: 2 x --batch_size)")
-    g.add_argument("--augment", default="recipe", choices=["recipe", "light"],
-                   help="recipe: the family's augmentation (ViT: TrivialAugment, mixup, cutmix); light: crop and flip only")
-    g.add_argument("--no_gpu_data", action="store_true",
-                   help="per-sample DataLoader instead of batched augmentation of in-memory data (GPU or CPU)")
+    g.add_argument(
+        "--eval_batch_size", type=int, default=None, help="evaluation batch size (default: 2 x --batch_size)"
+    )
+    g.add_argument(
+        "--augment",
+        default="recipe",
+        choices=["recipe", "light"],
+        help="recipe: the family's augmentation (ViT: TrivialAugment, mixup, cutmix); light: crop and flip only",
+    )
+    g.add_argument(
+        "--no_gpu_data",
+        action="store_true",
+        help="per-sample DataLoader instead of batched augmentation of in-memory data (GPU or CPU)",
+    )
     g = p.add_argument_group("Model")
     g.add_argument("--arch", default="res20s", choices=ARCH_CHOICES, help="model (timm:NAME: a timm ViT)")
     g.add_argument("--init", default=None, help="init weights file (default: create init.pth.tar in the save dir)")
-    g.add_argument("--vit_pretrained", action="store_true", help="start ViTs from timm ImageNet weights (needs network)")
-    g.add_argument("--pretrained_file", default=None, help="start a ViT from a local timm/HF weight file (.safetensors, .pth, .bin)")
+    g.add_argument(
+        "--vit_pretrained", action="store_true", help="start ViTs from timm ImageNet weights (needs network)"
+    )
+    g.add_argument(
+        "--pretrained_file",
+        default=None,
+        help="start a ViT from a local timm/HF weight file (.safetensors, .pth, .bin)",
+    )
     g = p.add_argument_group("Training (None: the per-family recipe, see README)")
     g.add_argument("--epochs", type=int, default=80, help="epochs per state")
     g.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="CNN sgd, ViT adamw")
@@ -64,16 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight_decay", type=finite, default=None, help="CNN 1e-4, ViT 0.05")
     g.add_argument("--warmup", type=finite, default=None, help="warmup epochs (CNN 0, ViT min(5, epochs/8))")
     g.add_argument("--lr_schedule", default=None, choices=["step", "cosine"], help="CNN step, ViT cosine")
-    g.add_argument("--decreasing_lr", default=None, help="epochs of x0.1 steps, e.g. 40,60 (CNN: 50%%, 75%% of the state)")
+    g.add_argument(
+        "--decreasing_lr", default=None, help="epochs of x0.1 steps, e.g. 40,60 (CNN: 50%%, 75%% of the state)"
+    )
     g.add_argument("--label_smoothing", type=finite, default=None, help="in [0, 1) (CNN 0, ViT 0.1)")
     g.add_argument("--mixup", type=finite, default=None, help="mixup alpha (CNN 0, ViT 0.8)")
     g.add_argument("--cutmix", type=finite, default=None, help="cutmix alpha (CNN 0, ViT 1.0)")
     g.add_argument("--seed", type=int, default=1, help=f"seeds python, numpy and torch, in [0, {MAX_SEED}]")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: auto, see README)")
-    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="CUDA mixed precision: auto = bf16 where supported, else fp16 with loss scaling")
-    g.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels (bit-exact GPU resume, slower)")
+    g.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "off"],
+        help="CUDA mixed precision: auto = bf16 where supported, else fp16 with loss scaling",
+    )
+    g.add_argument(
+        "--deterministic", action="store_true", help="deterministic GPU kernels (bit-exact GPU resume, slower)"
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     g = p.add_argument_group("Pruning")
     g.add_argument("--struct", default="rsst", choices=["rsst", "refill"], help="how to reach the structured mask")
@@ -88,32 +114,54 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rewind_epoch", type=int, default=2, help="rewind_lt: epoch of state 0 to rewind to")
     g.add_argument("--pretrained", default=None, help="pt: weights file to start from and rewind to")
     g = p.add_argument_group("RSST")
-    g.add_argument("--reg_mode", default="calibrated", choices=["calibrated", "raw"],
-                   help="calibrated: strength set so the pure decay reaches --reg_target at --reg_end, then "
-                        "recovery under R; raw: lambda = g f((t+1)/T), removal at the state end")
-    g.add_argument("--reg_granularity_prune", type=finite, default=1.0,
-                   help="calibrated: multiplier of the calibrated strength; raw: the peak strength g")
+    g.add_argument(
+        "--reg_mode",
+        default="calibrated",
+        choices=["calibrated", "raw"],
+        help="calibrated: strength set so the pure decay reaches --reg_target at --reg_end, then "
+        "recovery under R; raw: lambda = g f((t+1)/T), removal at the state end",
+    )
+    g.add_argument(
+        "--reg_granularity_prune",
+        type=finite,
+        default=1.0,
+        help="calibrated: multiplier of the calibrated strength; raw: the peak strength g",
+    )
     g.add_argument("--reg_target", type=finite, default=1e-3, help="calibrated: pure-decay norm ratio at removal")
     g.add_argument("--reg_end", type=finite, default=0.5, help="calibrated: fraction of the state where P is removed")
     g.add_argument("--RST_schedule", default="exp_custom_exponents", choices=SCHEDULES, help="lambda curve")
     g.add_argument("--exponents", type=finite, default=4, help="n of exp_custom_exponents")
-    g.add_argument("--reg_scale_updates", default="auto", choices=["auto", "on", "off"],
-                   help="scale the optimizer's steps on P by the planned norm fraction rho(t); auto: on for "
-                        "AdamW in calibrated mode (Adam's normalized steps otherwise hold P at ~lr / (lr0 lambda))")
+    g.add_argument(
+        "--reg_scale_updates",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="scale the optimizer's steps on P by the planned norm fraction rho(t); auto: on for "
+        "AdamW in calibrated mode (Adam's normalized steps otherwise hold P at ~lr / (lr0 lambda))",
+    )
     g = p.add_argument_group("ViT")
     g.add_argument("--vit_structured", action="store_true", help="head/neuron-level quasi-structured regroup")
-    g.add_argument("--vit_prune_target", default=None, choices=VIT_TARGETS,
-                   help="unit kinds regrouped with --vit_structured (default: head)")
+    g.add_argument(
+        "--vit_prune_target",
+        default=None,
+        choices=VIT_TARGETS,
+        help="unit kinds regrouped with --vit_structured (default: head)",
+    )
     g = p.add_argument_group("Output")
     g.add_argument("--save_dir", default=None, help="output folder (default: {dataset}_{struct}_output_{run name})")
     g.add_argument("--exp_name", default=None, help="run name (default: auto)")
     g.add_argument("--resume", action="store_true", help="continue the run in --save_dir (or --checkpoint)")
     g.add_argument("--checkpoint", default=None, help="resume from this file")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --save_dir")
-    g.add_argument("--config", default=None, help="YAML file of flags (a run's args.yaml); command-line flags override it")
+    g.add_argument(
+        "--config", default=None, help="YAML file of flags (a run's args.yaml); command-line flags override it"
+    )
     g = p.add_argument_group("Logging")
-    g.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
-                   help="wandb mode; auto = online with credentials, else offline")
+    g.add_argument(
+        "--wandb",
+        default="auto",
+        choices=["auto", "online", "offline", "disabled"],
+        help="wandb mode; auto = online with credentials, else offline",
+    )
     g.add_argument("--wandb_project", default="RSST", help="wandb project")
     return p
 
@@ -123,7 +171,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.config:
         skip = RUNTIME_KEYS + RUN_KEYS
-        args = parser.parse_args(config_tokens(args.config, parser, skip) + list(sys.argv[1:] if argv is None else argv))
+        args = parser.parse_args(
+            config_tokens(args.config, parser, skip) + list(sys.argv[1:] if argv is None else argv)
+        )
     return args
 
 
@@ -152,25 +202,46 @@ def validate(args: argparse.Namespace) -> None:
         (a.momentum is None or 0 <= a.momentum < 1, f"--momentum {a.momentum}: must be in [0, 1)"),
         (a.weight_decay is None or a.weight_decay >= 0, f"--weight_decay {a.weight_decay}: must be >= 0"),
         (a.warmup is None or a.warmup >= 0, f"--warmup {a.warmup}: must be >= 0"),
-        (a.label_smoothing is None or 0 <= a.label_smoothing < 1,
-         f"--label_smoothing {a.label_smoothing}: must be in [0, 1)"),
+        (
+            a.label_smoothing is None or 0 <= a.label_smoothing < 1,
+            f"--label_smoothing {a.label_smoothing}: must be in [0, 1)",
+        ),
         (a.mixup is None or a.mixup >= 0, f"--mixup {a.mixup}: must be >= 0"),
         (a.cutmix is None or a.cutmix >= 0, f"--cutmix {a.cutmix}: must be >= 0"),
         (a.workers is None or a.workers >= 0, f"--workers {a.workers}: must be >= 0"),
         (a.threads >= 0, f"--threads {a.threads}: must be >= 0"),
-        (not a.vit_structured or is_vit(a.arch),
-         f"--vit_structured needs a ViT arch (got --arch {a.arch}); CNNs regroup channels by default"),
-        (a.vit_prune_target is None or a.vit_structured,
-         f"--vit_prune_target {a.vit_prune_target}: needs --vit_structured (and a ViT arch)"),
-        (a.prune_type != "pt" or a.pretrained or a.pretrained_file, "--prune_type pt needs --pretrained FILE or --pretrained_file FILE"),
-        (a.img_size is None or (a.dataset in ("imagenet", "folder") and 16 <= a.img_size <= 1024),
-         f"--img_size {a.img_size}: only for --dataset imagenet/folder, in [16, 1024] (other datasets keep their size)"),
+        (
+            not a.vit_structured or is_vit(a.arch),
+            f"--vit_structured needs a ViT arch (got --arch {a.arch}); CNNs regroup channels by default",
+        ),
+        (
+            a.vit_prune_target is None or a.vit_structured,
+            f"--vit_prune_target {a.vit_prune_target}: needs --vit_structured (and a ViT arch)",
+        ),
+        (
+            a.prune_type != "pt" or a.pretrained or a.pretrained_file,
+            "--prune_type pt needs --pretrained FILE or --pretrained_file FILE",
+        ),
+        (
+            a.img_size is None or (a.dataset in ("imagenet", "folder") and 16 <= a.img_size <= 1024),
+            f"--img_size {a.img_size}: only for --dataset imagenet/folder, in [16, 1024] "
+            "(other datasets keep their size)",
+        ),
         (a.eval_batch_size is None or a.eval_batch_size >= 1, f"--eval_batch_size {a.eval_batch_size}: must be >= 1"),
-        (not a.pretrained_file or (is_vit(a.arch) and not (a.init or a.pretrained or a.vit_pretrained) and a.pretrained_file
-         .endswith((".safetensors", ".pth", ".pt", ".bin", ".tar"))), f"--pretrained_file {a.pretrained_file}: needs a ViT "
-         "arch and a .safetensors, .pth, .pt or .bin file; excludes --init, --pretrained and --vit_pretrained"),
-        (a.prune_type != "rewind_lt" or 0 <= a.rewind_epoch <= a.epochs,
-         f"--rewind_epoch {a.rewind_epoch}: must be in [0, --epochs]"),
+        (
+            not a.pretrained_file
+            or (
+                is_vit(a.arch)
+                and not (a.init or a.pretrained or a.vit_pretrained)
+                and a.pretrained_file.endswith((".safetensors", ".pth", ".pt", ".bin", ".tar"))
+            ),
+            f"--pretrained_file {a.pretrained_file}: needs a ViT "
+            "arch and a .safetensors, .pth, .pt or .bin file; excludes --init, --pretrained and --vit_pretrained",
+        ),
+        (
+            a.prune_type != "rewind_lt" or 0 <= a.rewind_epoch <= a.epochs,
+            f"--rewind_epoch {a.rewind_epoch}: must be in [0, --epochs]",
+        ),
         (not a.vit_pretrained or is_vit(a.arch), "--vit_pretrained needs a ViT arch"),
         (not (a.resume and a.overwrite), "--resume and --overwrite exclude each other"),
         (not a.resume or a.save_dir or a.checkpoint, "--resume needs --save_dir DIR or --checkpoint FILE"),
@@ -196,11 +267,14 @@ def resolve(args: argparse.Namespace) -> None:
     """Fill the per-family training recipe (README "Training recipes"), the run's name and dir."""
     from reporting import auto_run_name
     from trainer import fill_recipe
+
     fill_recipe(args, is_vit(args.arch))
     if args.vit_structured and args.vit_prune_target is None:
         args.vit_prune_target = "head"
     if args.workers is None:
-        args.workers = 0 if args.dataset in ("digits", "synthetic", "cifar10", "cifar100") else min(4, os.cpu_count() or 1)
+        args.workers = (
+            0 if args.dataset in ("digits", "synthetic", "cifar10", "cifar100") else min(4, os.cpu_count() or 1)
+        )
     if args.exp_name is None:
         args.exp_name = auto_run_name(args, is_vit(args.arch))
     if args.save_dir is None:
@@ -211,8 +285,18 @@ def resume_command(args: argparse.Namespace) -> str:
     """A copy-paste exact command that continues this run (interpreter, quoting, runtime flags).
     Under torchrun it repeats the launcher with the same process count (from torchrun's
     LOCAL_WORLD_SIZE / WORLD_SIZE), which a resume must keep."""
-    cmd = [os.path.abspath(__file__), "--resume", "--save_dir", os.path.abspath(args.save_dir),
-           "--threads", str(args.threads), "--wandb", args.wandb, "--device", args.device]
+    cmd = [
+        os.path.abspath(__file__),
+        "--resume",
+        "--save_dir",
+        os.path.abspath(args.save_dir),
+        "--threads",
+        str(args.threads),
+        "--wandb",
+        args.wandb,
+        "--device",
+        args.device,
+    ]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return shlex.join([sys.executable, *cmd])
@@ -222,17 +306,29 @@ def resume_command(args: argparse.Namespace) -> str:
     launcher = [torchrun] if os.access(torchrun, os.X_OK) else [sys.executable, "-m", "torch.distributed.run"]
     if nodes == 1:
         return shlex.join([*launcher, "--standalone", f"--nproc_per_node={per_node}", *cmd])
-    return (shlex.join([*launcher, f"--nnodes={nodes}", f"--nproc_per_node={per_node}", *cmd])
-            + "  # on every node, with the rendezvous flags of the first launch")
+    return (
+        shlex.join([*launcher, f"--nnodes={nodes}", f"--nproc_per_node={per_node}", *cmd])
+        + "  # on every node, with the rendezvous flags of the first launch"
+    )
 
 
 # ---------------------------------------------------------------------------- set-up
 def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
     """Everything after a valid command line; exit codes per CLI.md."""
-    from checkpoints import (Interrupted, RunDir, SaveError, StopFlag, install_stop_handlers, last_good_checkpoint,
-                             open_run, restore_handlers, write_yaml)
+    from checkpoints import (
+        Interrupted,
+        RunDir,
+        SaveError,
+        StopFlag,
+        install_stop_handlers,
+        last_good_checkpoint,
+        open_run,
+        restore_handlers,
+        write_yaml,
+    )
     from imp_loop import IMPRun
     from trainer import NonFiniteLoss
+
     stop, run_dir, run = StopFlag(), None, None
     previous = install_stop_handlers(stop)
     try:
@@ -245,8 +341,9 @@ def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
         resume_ck = open_run(args, given, RUNTIME_KEYS, rank)
         resolve(args)  # a resumed run: its saved config is already resolved
         if resume_ck is None and rank == 0:  # first: from here on a killed run can be resumed
-            write_yaml(os.path.join(args.save_dir, "args.yaml"),
-                       {k: v for k, v in vars(args).items() if k not in RUNTIME_KEYS})
+            write_yaml(
+                os.path.join(args.save_dir, "args.yaml"), {k: v for k, v in vars(args).items() if k not in RUNTIME_KEYS}
+            )
         run = IMPRun(args, resume_ck, stop)
         run.run(resume_ck)
     except UsageError as e:
@@ -257,8 +354,10 @@ def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
         return 1
     except Interrupted as e:
         if run.dist.is_main:
-            print(f"stopped by signal {e.signum}; checkpoint written. Continue with: {resume_command(args)}",
-                  file=sys.stderr)
+            print(
+                f"stopped by signal {e.signum}; checkpoint written. Continue with: {resume_command(args)}",
+                file=sys.stderr,
+            )
         return 128 + e.signum
     except KeyboardInterrupt:
         print(f"interrupted. Continue with: {resume_command(args)}", file=sys.stderr)

@@ -6,6 +6,7 @@ blocks or layers run along x, states along y, and every cell is annotated with i
 
     plot_masks("run/masks.png", "vit_tiny", [mask_state0, mask_state1], unit_kinds(model))
 """
+
 from __future__ import annotations
 
 import re
@@ -51,8 +52,11 @@ def _draw_heatmap(ax, kind: str, groups: list[pu.UnitGroup], table: list[list[in
             ax.text(j, s, str(n), ha="center", va="center", color=shade, fontsize=6 if small else 8)
     same_total = bool((totals == totals[0]).all())
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([_short_name(g.layer) + ("" if same_total else f" /{g.num_units}") for g in groups],
-                       rotation=0 if KIND_AXIS[kind] == "block" else 90, fontsize=7)
+    ax.set_xticklabels(
+        [_short_name(g.layer) + ("" if same_total else f" /{g.num_units}") for g in groups],
+        rotation=0 if KIND_AXIS[kind] == "block" else 90,
+        fontsize=7,
+    )
     ax.set_yticks(range(len(table)))
     ax.set_yticklabels([str(s) for s in range(len(table))], fontsize=7)
     of = f" (of {int(totals[0])})" if same_total else ""
@@ -60,8 +64,9 @@ def _draw_heatmap(ax, kind: str, groups: list[pu.UnitGroup], table: list[list[in
     return image
 
 
-def plot_masks(path: str, model_name: str, masks_by_state: list[dict[str, torch.Tensor]],
-               units: nn.Module | UnitKinds) -> dict[str, list[list[int]]]:
+def plot_masks(
+    path: str, model_name: str, masks_by_state: list[dict[str, torch.Tensor]], units: nn.Module | UnitKinds
+) -> dict[str, list[list[int]]]:
     """Write the heatmaps of units kept per layer across states to `path`; returns the counts.
 
     `masks_by_state[s]` is state s's hard mask; `units` is the model or its `unit_kinds(model)`
@@ -72,8 +77,13 @@ def plot_masks(path: str, model_name: str, masks_by_state: list[dict[str, torch.
     plt = pyplot()
     widest = max(len(g) for g in kinds.values())
     height = 1.2 + 0.3 * max(len(masks_by_state), 3)
-    fig, axes = plt.subplots(len(kinds), 1, figsize=(max(6.0, 0.55 * widest + 2), height * len(kinds) + 0.6),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        len(kinds),
+        1,
+        figsize=(max(6.0, 0.55 * widest + 2), height * len(kinds) + 0.6),
+        squeeze=False,
+        layout="constrained",
+    )
     for ax, (kind, groups) in zip(axes[:, 0], kinds.items()):
         image = _draw_heatmap(ax, kind, groups, table[kind])
     fig.colorbar(image, ax=axes[:, 0].tolist(), label="fraction kept", shrink=0.8)
@@ -87,6 +97,7 @@ def load_state_masks(run_dir: str) -> list[dict[str, torch.Tensor]]:
     """The hard mask of every finished state, from `{state}checkpoint.pth.tar`, in state order,
     up to the first missing or unreadable one (skipped with one warning line)."""
     from checkpoints import read_checkpoint, state_checkpoints
+
     found = state_checkpoints(run_dir)
     masks = []
     while len(masks) in found:  # states 0, 1, ... up to the first missing one

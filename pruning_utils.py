@@ -1,16 +1,17 @@
 """Masks, global magnitude pruning, and the unit regroup (score -> select -> expand).
 
 A mask is a value: a dict `{module name: bool tensor shaped like its weight}` kept beside the
-model (0/1 float tensors are accepted everywhere too). A *unit* is a group of weights kept or dropped whole (a conv output channel, a ViT
-head, a ViT MLP neuron); `UnitGroup` says which slices of which weights form the units of one
-layer, and which activation scores them. CNN channel groups live here; ViT head and neuron
+model (0/1 float tensors are accepted everywhere too). A *unit* is a group of weights kept or dropped whole
+(a conv output channel, a ViT head, a ViT MLP neuron); `UnitGroup` says which slices of which weights form
+the units of one layer, and which activation scores them. CNN channel groups live here; ViT head and neuron
 groups in `vit_pruning_utils.py`. See ALGORITHM.md for the specification.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -80,8 +81,7 @@ def _top_exact(vals: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def global_magnitude_prune(weights: dict[str, torch.Tensor], alive: Masks, keep: int,
-                           sample: int = 65536) -> Masks:
+def global_magnitude_prune(weights: dict[str, torch.Tensor], alive: Masks, keep: int, sample: int = 65536) -> Masks:
     """Keep the `keep` largest |w| among weights alive in `alive`: one threshold for all layers.
 
     Weights tied at the threshold are kept in flat index order (layers in `alive`'s order), so
@@ -146,6 +146,7 @@ def _bracketed(weights, names, live, parts, keep: int, n_alive: int, step: int) 
 @dataclass(frozen=True)
 class Member:
     """One weight of a unit group, viewed as `shape` so that `axis` enumerates the units."""
+
     name: str
     shape: tuple[int, ...]
     axis: int
@@ -160,6 +161,7 @@ class UnitGroup:
     dimension `act_dim` holds `num_units` contiguous slices, one per unit. `norm` names the
     BatchNorm that normalizes each unit's output (CNN channels), if any.
     """
+
     layer: str
     kind: str  # "channel" | "head" | "neuron"
     num_units: int
@@ -191,8 +193,9 @@ def channel_groups(model: nn.Module) -> list[UnitGroup]:
         if w.dim() != 4:
             continue
         c = w.shape[0]
-        groups.append(UnitGroup(name, "channel", c, (Member(name, (c, w[0].numel()), 0),),
-                                name, False, 1, norms.get(name)))
+        groups.append(
+            UnitGroup(name, "channel", c, (Member(name, (c, w[0].numel()), 0),), name, False, 1, norms.get(name))
+        )
     return groups
 
 
@@ -215,8 +218,9 @@ def units_kept(groups: list[UnitGroup], masks: Masks) -> list[int]:
     return [int(unit_alive(g, masks).sum()) for g in groups]
 
 
-def dead_norm_masks(groups: list[UnitGroup], modules: dict[str, nn.Module],
-                    masks: Masks) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def dead_norm_masks(
+    groups: list[UnitGroup], modules: dict[str, nn.Module], masks: Masks
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(BN weight, 0/1 mask) and (BN bias, mask) for every channel group whose BatchNorm has a
     channel with no weight left in `masks`: masking them like weights makes a dropped channel
     output exactly 0 (not relu(bn(0))), so the masked network is its compact export."""
@@ -236,13 +240,13 @@ def _score_remain(group: UnitGroup, weights, masks, stats) -> torch.Tensor:
 
 
 def _score_magnitude(group: UnitGroup, weights, masks, stats) -> torch.Tensor:
-    return sum(unit_view(weights[m.name].detach().float().abs() * masks[m.name], m).sum(1)
-               for m in group.members)
+    return sum(unit_view(weights[m.name].detach().float().abs() * masks[m.name], m).sum(1) for m in group.members)
 
 
 def _from_stats(key: str) -> Callable:
     def score(group: UnitGroup, weights, masks, stats) -> torch.Tensor:
         return stats[group.layer][key]
+
     return score
 
 
@@ -289,12 +293,12 @@ class _ActivationRecorder:
         n = max(1, self.count)
         zero = torch.zeros(self.group.num_units)
         as_t = lambda v: v.cpu() if torch.is_tensor(v) else zero
-        return {"l1": as_t(self.abs_sum) / n, "l2": (as_t(self.sq_sum) / n).sqrt(),
-                "saliency": as_t(self.sal_sum) / n}
+        return {"l1": as_t(self.abs_sum) / n, "l2": (as_t(self.sq_sum) / n).sqrt(), "saliency": as_t(self.sal_sum) / n}
 
 
-def collect_activation_stats(model: nn.Module, groups: list[UnitGroup], batches: Iterable,
-                             device: torch.device | str, with_saliency: bool) -> dict:
+def collect_activation_stats(
+    model: nn.Module, groups: list[UnitGroup], batches: Iterable, device: torch.device | str, with_saliency: bool
+) -> dict:
     """Per-layer unit statistics of `model` (eval mode) on `batches` of (x, y).
 
     Hooks are keyed by module name, so each layer is scored with its own activation.
@@ -366,9 +370,15 @@ def select_global(scores: dict[str, torch.Tensor], budgets: dict[str, int]) -> d
     return dict(zip(layers, keep.split(sizes)))
 
 
-def regroup(groups: list[UnitGroup], weights: dict[str, torch.Tensor], masks: Masks,
-            criterion: str, stats: dict | None = None, fillback_rate: float = 0.0,
-            sorting_mode: str = "layerwise") -> tuple[Masks, list[dict]]:
+def regroup(
+    groups: list[UnitGroup],
+    weights: dict[str, torch.Tensor],
+    masks: Masks,
+    criterion: str,
+    stats: dict | None = None,
+    fillback_rate: float = 0.0,
+    sorting_mode: str = "layerwise",
+) -> tuple[Masks, list[dict]]:
     """Structured mask R from unstructured mask M (`masks`): whole units kept or dropped.
 
     Weights outside `groups` keep their unstructured mask. Units with no weight alive in M
@@ -383,8 +393,13 @@ def regroup(groups: list[UnitGroup], weights: dict[str, torch.Tensor], masks: Ma
         scores[g.layer] = s.masked_fill(~alive.cpu(), -math.inf)
         d = float(masks[g.members[0].name].float().mean())
         budgets[g.layer] = min(unit_budget(d, g.num_units, fillback_rate), max(1, int(alive.sum())))
-        reports[g.layer] = {"layer": g.layer, "kind": g.kind, "num_units": g.num_units,
-                            "scores": s, "density_before": d}
+        reports[g.layer] = {
+            "layer": g.layer,
+            "kind": g.kind,
+            "num_units": g.num_units,
+            "scores": s,
+            "density_before": d,
+        }
     keep: dict[str, torch.Tensor] = {}
     if sorting_mode == "global":
         for kind in sorted({g.kind for g in groups}):
@@ -398,6 +413,9 @@ def regroup(groups: list[UnitGroup], weights: dict[str, torch.Tensor], masks: Ma
         for m in g.members:
             out[m.name] = expand_units(keep[g.layer], m, masks[m.name])
         rep = reports[g.layer]
-        rep.update(keep=keep[g.layer], kept=int(keep[g.layer].sum()),
-                   density_after=float(out[g.members[0].name].float().mean()))
+        rep.update(
+            keep=keep[g.layer],
+            kept=int(keep[g.layer].sum()),
+            density_after=float(out[g.members[0].name].float().mean()),
+        )
     return out, [reports[g.layer] for g in groups]

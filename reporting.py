@@ -1,4 +1,5 @@
 """Run outputs: checkpoints, summary table, plots, and the wandb logger."""
+
 from __future__ import annotations
 
 import csv
@@ -11,15 +12,31 @@ import pruning_utils as pu
 from checkpoints import write_atomic
 
 SUMMARY_FIELDS = [
-    "state", "imp_density", "remaining_weights", "compression", "heads_kept", "neurons_kept",
-    "channels_kept", "structured_sparsity", "best_epoch", "best_val_acc", "test_acc_at_best_val",
-    "final_val_acc", "final_test_acc", "soft_test_acc", "hard_test_acc", "final_lambda",
-    "predicted_norm_ratio", "penalized_norm_ratio", "reg_end_step", "seconds",
+    "state",
+    "imp_density",
+    "remaining_weights",
+    "compression",
+    "heads_kept",
+    "neurons_kept",
+    "channels_kept",
+    "structured_sparsity",
+    "best_epoch",
+    "best_val_acc",
+    "test_acc_at_best_val",
+    "final_val_acc",
+    "final_test_acc",
+    "soft_test_acc",
+    "hard_test_acc",
+    "final_lambda",
+    "predicted_norm_ratio",
+    "penalized_norm_ratio",
+    "reg_end_step",
+    "seconds",
 ]
 
 
 def _units(groups: list, masks: dict) -> str | None:
-    """"kept/total" units with any weight alive in `masks`, over `groups`."""
+    """ "kept/total" units with any weight alive in `masks`, over `groups`."""
     if not groups:
         return None
     return f"{sum(pu.units_kept(groups, masks))}/{sum(g.num_units for g in groups)}"
@@ -35,18 +52,25 @@ def state_row(state: int, ticket, report: dict, groups: list, st: dict, pen, pla
     all_groups = groups or [g for gs in report.values() for g in gs]
     kept, total = sum(pu.units_kept(all_groups, hard)), sum(g.num_units for g in all_groups)
     return {
-        "state": state, "imp_density": round(100 * pu.density(ticket.imp), 4),
-        "remaining_weights": round(100 * remaining, 4), "compression": round(1 / max(remaining, 1e-12), 4),
-        "heads_kept": _units(report.get("heads"), hard), "neurons_kept": _units(report.get("neurons"), hard),
+        "state": state,
+        "imp_density": round(100 * pu.density(ticket.imp), 4),
+        "remaining_weights": round(100 * remaining, 4),
+        "compression": round(1 / max(remaining, 1e-12), 4),
+        "heads_kept": _units(report.get("heads"), hard),
+        "neurons_kept": _units(report.get("neurons"), hard),
         "channels_kept": _units(report.get("channels"), hard),
         "structured_sparsity": round(100 * (1 - kept / total), 4) if total else None,
-        "best_epoch": st["best"].get("epoch"), "best_val_acc": st["best"]["val_acc"],
+        "best_epoch": st["best"].get("epoch"),
+        "best_val_acc": st["best"]["val_acc"],
         "test_acc_at_best_val": st["best"].get("test_acc"),
-        "final_val_acc": last["val_acc"], "final_test_acc": last["test_acc"],
-        "soft_test_acc": removal.get("soft"), "hard_test_acc": removal.get("hard"),
+        "final_val_acc": last["val_acc"],
+        "final_test_acc": last["test_acc"],
+        "soft_test_acc": removal.get("soft"),
+        "hard_test_acc": removal.get("hard"),
         "final_lambda": pen.last_lambda if pen else None,
         "predicted_norm_ratio": plan.predicted_ratio if pen else None,
-        "penalized_norm_ratio": removal.get("norm_ratio"), "reg_end_step": removal.get("step"),
+        "penalized_norm_ratio": removal.get("norm_ratio"),
+        "reg_end_step": removal.get("step"),
         "seconds": round(st["elapsed"], 1),
     }
 
@@ -67,8 +91,10 @@ def write_summary(save_dir: str, rows: list[dict]) -> None:
 def pyplot():
     """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -93,11 +119,14 @@ def plot_state(path: str, history: list[dict], title: str) -> None:
 def _plain_ticks(*axes) -> None:
     """Integer steps/epochs on x; y tick labels as plain numbers, also on log scales."""
     from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     plain = FuncFormatter(lambda v, _: f"{v:.3g}")
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain if ax.get_yscale() == "log" and _narrow(ax) else FuncFormatter(lambda v, _: ""))
+        ax.yaxis.set_minor_formatter(
+            plain if ax.get_yscale() == "log" and _narrow(ax) else FuncFormatter(lambda v, _: "")
+        )
 
 
 def _narrow(ax) -> bool:
@@ -109,11 +138,19 @@ def _narrow(ax) -> bool:
 def _fit(title: str, width: int = 70) -> str:
     """A long run name wrapped onto lines of at most `width` characters (at underscores)."""
     import textwrap
+
     return "\n".join(textwrap.wrap(title.replace("_", "_\u200b"), width)).replace("\u200b", "")
 
 
-def plot_lambda(path: str, steps: list[int], lambdas: list[float], norms: list[float], title: str,
-                removal_step: int | None = None, planned: list[float] | None = None) -> None:
+def plot_lambda(
+    path: str,
+    steps: list[int],
+    lambdas: list[float],
+    norms: list[float],
+    title: str,
+    removal_step: int | None = None,
+    planned: list[float] | None = None,
+) -> None:
     """RSST: lambda (left) and the penalized weights' norm ratio (right, log scale) over the
     state's optimizer steps, beside the planned pure decay, with the removal step marked."""
     plt = pyplot()
@@ -123,8 +160,13 @@ def plot_lambda(path: str, steps: list[int], lambdas: list[float], norms: list[f
     b.plot(steps, [max(n, 1e-12) for n in norms], color="tab:blue", label="measured")
     if planned and len(planned) == len(steps):
         b.plot(steps, [max(n, 1e-12) for n in planned], color="tab:orange", ls=":", lw=2, label="pure decay (planned)")
-    b.set(xlabel="optimizer step in state", ylabel="||w_P|| / ||w_P at start||", yscale="log",
-          title="penalized norm ratio", ylim=(min(min(norms, default=1.0), 1e-3) / 2, 2.0))
+    b.set(
+        xlabel="optimizer step in state",
+        ylabel="||w_P|| / ||w_P at start||",
+        yscale="log",
+        title="penalized norm ratio",
+        ylim=(min(min(norms, default=1.0), 1e-3) / 2, 2.0),
+    )
     _plain_ticks(a, b)
     if removal_step is not None:
         for ax in (a, b):
@@ -142,15 +184,22 @@ def plot_state_progress(save_dir: str, state: int, progress: dict, run_name: str
     plot_state(os.path.join(save_dir, f"{state}_curves.png"), progress["history"], f"{run_name}: state {state}")
     trace = progress["trace"]
     if trace["step"]:
-        plot_lambda(os.path.join(save_dir, f"{state}_lambda.png"), trace["step"], trace["lambda"], trace["norm"],
-                    f"RSST state {state}: {schedule}", (progress.get("removal") or {}).get("step"),
-                    trace.get("planned"))
+        plot_lambda(
+            os.path.join(save_dir, f"{state}_lambda.png"),
+            trace["step"],
+            trace["lambda"],
+            trace["norm"],
+            f"RSST state {state}: {schedule}",
+            (progress.get("removal") or {}).get("step"),
+            trace.get("planned"),
+        )
 
 
 def plot_summary(path: str, rows: list[dict], title: str) -> None:
     """Test accuracy against remaining prunable weights over the states (log x, plain tick labels)."""
     plt = pyplot()
     from matplotlib.ticker import FuncFormatter, NullFormatter
+
     fig, a = plt.subplots(figsize=(6.5, 4.2))
     x = [r["remaining_weights"] for r in rows]
     a.plot(x, [r["final_test_acc"] for r in rows], marker="o", label="test acc (state ticket)")
@@ -202,21 +251,31 @@ def _has_wandb_credentials() -> bool:
 class Logger:
     """wandb when enabled, otherwise nothing; `auto` goes offline without credentials."""
 
-    def __init__(self, mode: str, project: str, name: str, config: dict, save_dir: str,
-                 run_id: str | None = None):
+    def __init__(self, mode: str, project: str, name: str, config: dict, save_dir: str, run_id: str | None = None):
         self.run = None
         if mode == "disabled":
             return
         if mode == "auto":
             mode = "online" if _has_wandb_credentials() else "offline"
         import wandb
-        self.run = wandb.init(project=project, name=name, config=config, dir=save_dir, mode=mode,
-                              id=run_id, resume="allow" if run_id else None)
+
+        self.run = wandb.init(
+            project=project,
+            name=name,
+            config=config,
+            dir=save_dir,
+            mode=mode,
+            id=run_id,
+            resume="allow" if run_id else None,
+        )
         self.run.define_metric("global_step")
         self.run.define_metric("*", step_metric="global_step")
         if mode == "offline":
-            print(f"wandb: offline run in {save_dir}/wandb; upload later with "
-                  f"`wandb sync {save_dir}/wandb/offline-run-*`", file=sys.stderr)
+            print(
+                f"wandb: offline run in {save_dir}/wandb; upload later with "
+                f"`wandb sync {save_dir}/wandb/offline-run-*`",
+                file=sys.stderr,
+            )
 
     @property
     def run_id(self) -> str | None:

@@ -19,10 +19,11 @@ removal is the target times the growth of z, whatever the optimizer and the stat
 
 `lr0 * lambda` is clamped to MAX_SHRINK, so one step never zeroes or flips a weight.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -34,11 +35,11 @@ MAX_SHRINK = 0.999
 
 SCHEDULES: dict[str, Callable] = {  # f(u, n) on [0, 1], f(1) = 1; works on floats and arrays
     "x": lambda u, n: u,
-    "x^2": lambda u, n: u ** 2,
-    "x^3": lambda u, n: u ** 3,
+    "x^2": lambda u, n: u**2,
+    "x^3": lambda u, n: u**3,
     "exp": lambda u, n: (np.exp(u) - 1.0) / _E1,
     "exp_custom": lambda u, n: (np.exp(u) - 1.0) / _E1,
-    "exp_custom_exponents": lambda u, n: (np.exp(u ** n) - 1.0) / _E1,
+    "exp_custom_exponents": lambda u, n: (np.exp(u**n) - 1.0) / _E1,
 }
 
 
@@ -82,14 +83,23 @@ def calibrate_strength(end_step: int, lr0: float, target: float, schedule: str, 
 class PenaltyPlan:
     """One RSST state's penalty: peak strength G, the step where the ramp ends and P is removed,
     the predicted pure-decay ratio there, and whether lr0 * lambda had to be clamped."""
+
     strength: float
     end_step: int
     predicted_ratio: float
     clamped: bool
 
 
-def plan_penalty(mode: str, total_steps: int, lr0: float, g: float, schedule: str, exponents: float,
-                 target: float = 1e-3, reg_end: float = 0.5) -> PenaltyPlan:
+def plan_penalty(
+    mode: str,
+    total_steps: int,
+    lr0: float,
+    g: float,
+    schedule: str,
+    exponents: float,
+    target: float = 1e-3,
+    reg_end: float = 0.5,
+) -> PenaltyPlan:
     """`--reg_mode calibrated`: G = g * calibrated strength, removal at round(reg_end * T);
     `raw`: G = g, removal at the state end T."""
     if mode == "raw":
@@ -101,18 +111,25 @@ def plan_penalty(mode: str, total_steps: int, lr0: float, g: float, schedule: st
     return PenaltyPlan(strength, end, pure_decay_ratio(end, lr0, strength, schedule, exponents), clamped)
 
 
-def describe_plan(plan: PenaltyPlan, mode: str, target: float, g: float, total_steps: int,
-                  scale_updates: bool = False) -> list[str]:
+def describe_plan(
+    plan: PenaltyPlan, mode: str, target: float, g: float, total_steps: int, scale_updates: bool = False
+) -> list[str]:
     """The lines a state prints about its penalty before training (and its warnings)."""
-    lines = [f"RSST ({mode}): lambda grows to {plan.strength:.4g} over steps 0-{plan.end_step} of {total_steps}, "
-             f"then P is removed; predicted pure-decay norm ratio {plan.predicted_ratio:.3g}"
-             + (f" (target {target:g})" if mode == "calibrated" else "")
-             + ("; optimizer steps on P scaled by the planned norm" if scale_updates else "")]
+    lines = [
+        f"RSST ({mode}): lambda grows to {plan.strength:.4g} over steps 0-{plan.end_step} of {total_steps}, "
+        f"then P is removed; predicted pure-decay norm ratio {plan.predicted_ratio:.3g}"
+        + (f" (target {target:g})" if mode == "calibrated" else "")
+        + ("; optimizer steps on P scaled by the planned norm" if scale_updates else "")
+    ]
     if plan.clamped:
-        lines.append(f"warning: lr0 * lambda reaches 1 with --reg_granularity_prune {g:g}; clamped to {MAX_SHRINK} per step")
+        lines.append(
+            f"warning: lr0 * lambda reaches 1 with --reg_granularity_prune {g:g}; clamped to {MAX_SHRINK} per step"
+        )
     if mode == "raw" and plan.predicted_ratio > 0.01:
-        lines.append(f"warning: --reg_mode raw leaves {100 * plan.predicted_ratio:.1f}% of the penalized norm by pure "
-                     "decay: its removal is nearly a one-shot prune (--reg_mode calibrated fades it out)")
+        lines.append(
+            f"warning: --reg_mode raw leaves {100 * plan.predicted_ratio:.1f}% of the penalized norm by pure "
+            "decay: its removal is nearly a one-shot prune (--reg_mode calibrated fades it out)"
+        )
     return lines
 
 
@@ -128,10 +145,20 @@ class RSSTPenalty:
     optimizer step starts from).
     """
 
-    def __init__(self, weights: dict[str, torch.Tensor], penalty_masks: dict[str, torch.Tensor],
-                 lr0: float, strength: float, schedule: str, exponents: float, end_step: int,
-                 step: int = 0, extra: list[tuple[torch.Tensor, torch.Tensor]] = (), last_lambda: float = 0.0,
-                 scale_updates: bool = False):
+    def __init__(
+        self,
+        weights: dict[str, torch.Tensor],
+        penalty_masks: dict[str, torch.Tensor],
+        lr0: float,
+        strength: float,
+        schedule: str,
+        exponents: float,
+        end_step: int,
+        step: int = 0,
+        extra: list[tuple[torch.Tensor, torch.Tensor]] = (),
+        last_lambda: float = 0.0,
+        scale_updates: bool = False,
+    ):
         names = [n for n, p in penalty_masks.items() if bool(p.any())]
         self.weights = [weights[n] for n in names]
         self.masks = [mask_like(penalty_masks[n], weights[n]) for n in names]

@@ -3,6 +3,7 @@ command-line tokens (so `--config` values meet the same types, choices and range
 flags a command line gives explicitly (a resumed run refuses those that differ from it), a
 finite-number type, and help that states each default once.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -3,6 +3,7 @@
 Run directly (`python test_vit_quasi_structured.py`: exits non-zero on any failure and ends
 with the five-line summary) or through pytest (it is collected with the tests/ folder).
 """
+
 from __future__ import annotations
 
 import sys
@@ -36,8 +37,8 @@ def _imp_mask(model):
 def _head_slices(mask_qkv, mask_proj, h, hd):
     """All mask entries of head h: its q, k and v rows of qkv and its proj input columns."""
     c = mask_qkv.shape[1]
-    rows = [mask_qkv[t * c + h * hd: t * c + (h + 1) * hd] for t in range(3)]
-    return torch.cat([r.flatten() for r in rows] + [mask_proj[:, h * hd:(h + 1) * hd].flatten()])
+    rows = [mask_qkv[t * c + h * hd : t * c + (h + 1) * hd] for t in range(3)]
+    return torch.cat([r.flatten() for r in rows] + [mask_proj[:, h * hd : (h + 1) * hd].flatten()])
 
 
 def _regroup(model, batch, criterion, target="head"):
@@ -119,9 +120,13 @@ SUMMARY = """All tests passed
 
 
 def main() -> int:
-    tests = [test_1_global_l1_elementwise_pruning_reaches_density, test_2_head_regroup_masks_every_qkv_and_proj,
-             test_3_all_five_criteria_give_valid_masks, test_4_every_head_is_all_zero_or_all_one,
-             test_5_mask_shapes_match_and_penalty_set_is_usable]
+    tests = [
+        test_1_global_l1_elementwise_pruning_reaches_density,
+        test_2_head_regroup_masks_every_qkv_and_proj,
+        test_3_all_five_criteria_give_valid_masks,
+        test_4_every_head_is_all_zero_or_all_one,
+        test_5_mask_shapes_match_and_penalty_set_is_usable,
+    ]
     failed = 0
     for t in tests:
         try:

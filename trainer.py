@@ -10,11 +10,12 @@ Recipes (README "Training recipes" cites the sources):
   weight decay 0.05, warmup 1 epoch (at most 1/8 of the state), cosine, label smoothing 0.1,
   no mixup/cutmix (README "Your own data and pretrained ViTs" gives the sources).
 """
+
 from __future__ import annotations
 
 import math
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -22,12 +23,39 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 RECIPES = {
-    "cnn": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, warmup=0.0,
-                lr_schedule="step", label_smoothing=0.0, mixup=0.0, cutmix=0.0),
-    "vit": dict(optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05, warmup=5.0,
-                lr_schedule="cosine", label_smoothing=0.1, mixup=0.8, cutmix=1.0),
-    "vit_finetune": dict(optimizer="adamw", lr=1e-4, momentum=0.9, weight_decay=0.05, warmup=1.0,
-                         lr_schedule="cosine", label_smoothing=0.1, mixup=0.0, cutmix=0.0),
+    "cnn": dict(
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-4,
+        warmup=0.0,
+        lr_schedule="step",
+        label_smoothing=0.0,
+        mixup=0.0,
+        cutmix=0.0,
+    ),
+    "vit": dict(
+        optimizer="adamw",
+        lr=1e-3,
+        momentum=0.9,
+        weight_decay=0.05,
+        warmup=5.0,
+        lr_schedule="cosine",
+        label_smoothing=0.1,
+        mixup=0.8,
+        cutmix=1.0,
+    ),
+    "vit_finetune": dict(
+        optimizer="adamw",
+        lr=1e-4,
+        momentum=0.9,
+        weight_decay=0.05,
+        warmup=1.0,
+        lr_schedule="cosine",
+        label_smoothing=0.1,
+        mixup=0.0,
+        cutmix=0.0,
+    ),
 }
 
 
@@ -55,6 +83,7 @@ def mixup_fn(mixup: float, cutmix: float, label_smoothing: float, num_classes: i
     if mixup <= 0 and cutmix <= 0:
         return None
     from timm.data import Mixup
+
     return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
 
 
@@ -62,8 +91,9 @@ class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or Inf loss."""
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
     """SGD or AdamW; no weight decay on biases, norms, and position/class tokens."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     decay, no_decay = [], []
@@ -91,8 +121,9 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, milestones: lis
     return 0.1 ** sum(step >= m for m in milestones)
 
 
-def build_scheduler(optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float,
-                    schedule: str, decreasing_lr: list[int] | None) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float, schedule: str, decreasing_lr: list[int] | None
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step LambdaLR over one state of `epochs` epochs. Step milestones are the epochs
     in `decreasing_lr`, or 50 % and 75 % of the state's steps when it is None."""
     total, warmup = steps_per_epoch * epochs, int(round(warmup_epochs * steps_per_epoch))
@@ -100,8 +131,7 @@ def build_scheduler(optimizer, steps_per_epoch: int, epochs: int, warmup_epochs:
         milestones = [total // 2, total * 3 // 4]
     else:
         milestones = [e * steps_per_epoch for e in decreasing_lr]
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, warmup, schedule, milestones))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, schedule, milestones))
 
 
 def amp_dtype(mode: str, device: torch.device, force_cpu: bool = False) -> torch.dtype | None:
@@ -126,10 +156,21 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, device: torch.device,
-                    after_step: Callable[[], bool], label_smoothing: float = 0.0, mixup_fn=None,
-                    desc: str = "", totals: dict | None = None, reduce: Callable = lambda t: t,
-                    amp: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None) -> dict:
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer,
+    scheduler,
+    device: torch.device,
+    after_step: Callable[[], bool],
+    label_smoothing: float = 0.0,
+    mixup_fn=None,
+    desc: str = "",
+    totals: dict | None = None,
+    reduce: Callable = lambda t: t,
+    amp: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict:
     """One epoch (or the rest of one: `totals` carries the sums of its finished steps).
 
     `after_step` runs after every optimizer step (RSST penalty, mask re-apply) and returns True
@@ -167,18 +208,28 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, device: torc
             stopped = True
             break
     sums = reduce(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)]))
-    totals = {"loss_sum": totals["loss_sum"] + float(sums[0]), "correct": totals["correct"] + float(sums[1]),
-              "seen": totals["seen"] + int(sums[2]), "steps": totals["steps"] + steps}
+    totals = {
+        "loss_sum": totals["loss_sum"] + float(sums[0]),
+        "correct": totals["correct"] + float(sums[1]),
+        "seen": totals["seen"] + int(sums[2]),
+        "steps": totals["steps"] + steps,
+    }
     loss = totals["loss_sum"] / max(1, totals["seen"])
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"training loss is {loss}")
-    return {"loss": loss, "acc": 100.0 * totals["correct"] / max(1, totals["seen"]), "lr": lr,
-            "stopped": stopped, "totals": totals}
+    return {
+        "loss": loss,
+        "acc": 100.0 * totals["correct"] / max(1, totals["seen"]),
+        "lr": lr,
+        "stopped": stopped,
+        "totals": totals,
+    }
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None = None,
-             reduce: Callable = lambda t: t) -> dict:
+def evaluate(
+    model: nn.Module, loader, device: torch.device, amp: torch.dtype | None = None, reduce: Callable = lambda t: t
+) -> dict:
     """Mean cross-entropy and top-1 accuracy (%) on `loader` (this rank's shard; `reduce` sums
     the shards of all ranks)."""
     model.eval()

@@ -7,6 +7,7 @@ MLP neuron `j` owns row j of `mlp.fc1.weight` and column j of `mlp.fc2.weight`; 
 the fc1 output after the activation (the input of fc2). The model keeps its shape; a kept
 head is all ones and a dropped head all zeros, so the pruned model can be exported smaller.
 """
+
 from __future__ import annotations
 
 import torch
@@ -71,4 +72,3 @@ def head_report(model: nn.Module, reports: list[dict]) -> str:
             f"  New sparsity: {100 * (1 - r['density_after']):.2f}% (head-level)",
         ]
     return "\n".join(lines)
-

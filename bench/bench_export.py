@@ -9,6 +9,7 @@ The masks are built directly (no training): head 2 and the upper half of the MLP
 The export path is export.py's own (masked model -> compact state -> rebuilt model), and the
 equivalence check runs first.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -16,11 +17,11 @@ import sys
 
 import torch
 
-from common import apply_threads, bench_parser, machine, record
-
 import export  # noqa: E402  (common puts the repository root on sys.path)
 import pruning_utils as pu  # noqa: E402
 from models import create_model  # noqa: E402
+
+from common import apply_threads, bench_parser, machine, record
 
 TARGET = 0.9  # of the MAC ratio
 
@@ -34,10 +35,9 @@ def head_mlp_checkpoint() -> dict:
         masks[b.qkv].view(3, b.num_heads, b.head_dim, -1)[:, 2] = False
         masks[b.proj].view(-1, b.num_heads, b.head_dim)[:, :, 2] = False
         hidden = masks[b.fc1].shape[0]
-        masks[b.fc1][hidden // 2:] = False
-        masks[b.fc2][:, hidden // 2:] = False
-    return {"arch": "vit_tiny", "num_classes": 100, "img_size": 32, "state_dict": model.state_dict(),
-            "mask": masks}
+        masks[b.fc1][hidden // 2 :] = False
+        masks[b.fc2][:, hidden // 2 :] = False
+    return {"arch": "vit_tiny", "num_classes": 100, "img_size": 32, "state_dict": model.state_dict(), "mask": masks}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,16 +63,22 @@ def main(argv: list[str] | None = None) -> int:
     speedup = rows[0][key] / rows[1][key]
     target = TARGET * mac_ratio
     c, m = compact.blocks[0], masked.blocks[0]
-    kept = (f"{c.attn.num_heads}/{m.attn.num_heads} heads and {c.mlp.fc1.out_features}/"
-            f"{m.mlp.fc1.out_features} MLP neurons")
-    lines = ["```", export.format_table(rows), "```",
-             f"\nvit_tiny, {kept} kept per block; max |diff| {diff:.1e}. "
-             f"MAC ratio (ceiling) {mac_ratio:.2f}x; measured {speedup:.2f}x at batch {a.batch} on "
-             f"{a.device} (target >= {TARGET:g} x ceiling = {target:.2f}x: {'met' if speedup >= target else 'MISSED'})."]
+    kept = (
+        f"{c.attn.num_heads}/{m.attn.num_heads} heads and {c.mlp.fc1.out_features}/{m.mlp.fc1.out_features} MLP neurons"
+    )
+    lines = [
+        "```",
+        export.format_table(rows),
+        "```",
+        f"\nvit_tiny, {kept} kept per block; max |diff| {diff:.1e}. "
+        f"MAC ratio (ceiling) {mac_ratio:.2f}x; measured {speedup:.2f}x at batch {a.batch} on "
+        f"{a.device} (target >= {TARGET:g} x ceiling = {target:.2f}x: {'met' if speedup >= target else 'MISSED'}).",
+    ]
     print("\n".join(lines), flush=True)
     if a.record:
-        record(f"Export speedup, vit_tiny ({a.device})", "python bench/bench_export.py " + shlex.join(sys.argv[1:]),
-               lines)
+        record(
+            f"Export speedup, vit_tiny ({a.device})", "python bench/bench_export.py " + shlex.join(sys.argv[1:]), lines
+        )
     return 0 if diff <= export.TOLERANCE else 1
 
 

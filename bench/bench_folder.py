@@ -10,6 +10,7 @@ not timed.
 
     python bench/bench_folder.py [--classes 10] [--per_class 50] [--img_size 224] [--batch 64] [--record]
 """
+
 from __future__ import annotations
 
 import os
@@ -21,11 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import apply_threads, bench_parser, median_seconds, record
-
 import dataset as D
 import folder_data as FD
 import loaders as L
+
+from common import apply_threads, bench_parser, median_seconds, record
 
 
 def write_jpegs(root: str, classes: int, per_class: int, seed: int = 0) -> None:
@@ -48,6 +49,7 @@ def decode_pil(path: str) -> torch.Tensor:
 
 def decode_torchvision(path: str) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image
+
     return decode_image(path, mode=ImageReadMode.RGB)
 
 
@@ -86,15 +88,24 @@ def main() -> int:
         _, files = FD.scan_split(os.path.join(root, "train"), "bench")
         paths = [files.path(i) for i in range(len(files))]
         pil, tv = decode_rate(paths, decode_pil), decode_rate(paths, decode_torchvision)
-        lines = [f"{len(paths)} JPEGs ({a.classes} classes x {a.per_class}, 256-400 px), img_size {a.img_size}, "
-                 f"batch {a.batch}; torch threads in the main process {torch.get_num_threads()}, 1 per worker.", "",
-                 "| decode only, one process | images/s |", "|---|---|",
-                 f"| PIL (Image.open + convert RGB) | {pil:,.0f} |", f"| torchvision.io.decode_image (used) | {tv:,.0f} |",
-                 "", "| workers | train, ViT recipe (RRC + flip + TrivialAugment) | train, light (RRC + flip) | eval "
-                 "(resize + center crop) | ViT train / decode ceiling |", "|---|---|---|---|---|"]
+        lines = [
+            f"{len(paths)} JPEGs ({a.classes} classes x {a.per_class}, 256-400 px), img_size {a.img_size}, "
+            f"batch {a.batch}; torch threads in the main process {torch.get_num_threads()}, 1 per worker.",
+            "",
+            "| decode only, one process | images/s |",
+            "|---|---|",
+            f"| PIL (Image.open + convert RGB) | {pil:,.0f} |",
+            f"| torchvision.io.decode_image (used) | {tv:,.0f} |",
+            "",
+            "| workers | train, ViT recipe (RRC + flip + TrivialAugment) | train, light (RRC + flip) | eval "
+            "(resize + center crop) | ViT train / decode ceiling |",
+            "|---|---|---|---|---|",
+        ]
         print("\n".join(lines), flush=True)
-        transforms = [FD.folder_transforms(a.img_size, strong, train) for strong, train in
-                      ((True, True), (False, True), (False, False))]
+        transforms = [
+            FD.folder_transforms(a.img_size, strong, train)
+            for strong, train in ((True, True), (False, True), (False, False))
+        ]
         for w in a.workers:
             rates = [pipeline_rate(files, t, a.batch, w) for t in transforms]
             ceiling = tv * max(w, 1)

@@ -6,6 +6,7 @@ Target (CPU): batched >= 10x per-sample.
 
     python bench/bench_loader.py [--images 4096] [--batch 128] [--threads 1] [--record]
 """
+
 from __future__ import annotations
 
 import shlex
@@ -14,10 +15,10 @@ import time
 
 import torch
 
-from common import apply_threads, bench_parser, machine, record
-
 import dataset as D  # noqa: E402  (common puts the repository root on sys.path)
 import loaders as L  # noqa: E402
+
+from common import apply_threads, bench_parser, machine, record
 
 
 def images_per_second(loader, device: torch.device, epochs: int = 2) -> float:
@@ -53,12 +54,21 @@ def main(argv: list[str] | None = None) -> int:
             sampler = L.EpochSampler(len(splits.train))
             per_sample = images_per_second(L.make_loader(splits.train, a.batch, 0, sampler, True), device)
             batched = images_per_second(L.DeviceLoader(splits.train, aug, a.batch, device, sampler, True), device)
-            lines.append(f"| {device.type} | {family} | {per_sample:,.0f} | {batched:,.0f} | {batched / per_sample:.1f}x |")
+            lines.append(
+                f"| {device.type} | {family} | {per_sample:,.0f} | {batched:,.0f} | {batched / per_sample:.1f}x |"
+            )
             print(lines[-1], flush=True)
-    lines += ["", f"{a.images} images 32x32, batch {a.batch}, per-sample path with 0 workers (seeded per sample), "
-              "2 timed epochs after one warm-up epoch."]
+    lines += [
+        "",
+        f"{a.images} images 32x32, batch {a.batch}, per-sample path with 0 workers (seeded per sample), "
+        "2 timed epochs after one warm-up epoch.",
+    ]
     if a.record:
-        record("Batched in-memory loader vs per-sample path", "python bench/bench_loader.py " + shlex.join(sys.argv[1:]), lines)
+        record(
+            "Batched in-memory loader vs per-sample path",
+            "python bench/bench_loader.py " + shlex.join(sys.argv[1:]),
+            lines,
+        )
     return 0
 
 

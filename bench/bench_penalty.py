@@ -11,6 +11,7 @@ vit_tiny with 2 blocks instead of 9 (`--depth`); state 0 is trained once per len
 
     python bench/bench_penalty.py [--epochs 40 120] [--depth 2] [--record]
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,27 @@ import sys
 
 from common import ROOT, apply_threads, bench_parser, record
 
-FLAGS = ["--arch", "vit_tiny", "--dataset", "digits", "--vit_structured", "--vit_prune_target", "both",
-         "--rate", "0.3", "--pruning_times", "2", "--augment", "light", "--batch_size", "32",
-         "--threads", "1", "--wandb", "disabled"]
+FLAGS = [
+    "--arch",
+    "vit_tiny",
+    "--dataset",
+    "digits",
+    "--vit_structured",
+    "--vit_prune_target",
+    "both",
+    "--rate",
+    "0.3",
+    "--pruning_times",
+    "2",
+    "--augment",
+    "light",
+    "--batch_size",
+    "32",
+    "--threads",
+    "1",
+    "--wandb",
+    "disabled",
+]
 MODES = ("off", "auto")  # the first trains state 0, the second starts from a copy of it
 
 
@@ -49,8 +68,14 @@ def run(save: str, argv: list[str], depth: int, base: str | None) -> None:
     else:
         argv = argv + ["--save_dir", save, "--overwrite"]
     with open(save + ".log", "a") as log:
-        subprocess.run([sys.executable, __file__, "--child", str(depth), *argv], cwd=ROOT, stdout=log,
-                       stderr=subprocess.STDOUT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run(
+            [sys.executable, __file__, "--child", str(depth), *argv],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
 
 
 def main() -> int:
@@ -62,8 +87,11 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_penalty"))
     a = p.parse_args()
     apply_threads(1)  # the runs use --threads 1; the recorded machine line says so
-    lines = ["| epochs per state | steps per state (T) | removal step | --reg_scale_updates | norm ratio at removal "
-             "(target 0.001) | soft -> hard test acc | state-1 ticket test acc |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| epochs per state | steps per state (T) | removal step | --reg_scale_updates | norm ratio at removal "
+        "(target 0.001) | soft -> hard test acc | state-1 ticket test acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for epochs in a.epochs:
         base = None
         for mode in MODES:
@@ -74,10 +102,15 @@ def main() -> int:
             with open(os.path.join(save, "summary.json")) as f:
                 row = json.load(f)[1]
             steps = row["reg_end_step"] * 2  # --reg_end 0.5
-            lines.append(f"| {epochs} | {steps} | {row['reg_end_step']} | {mode} | {row['penalized_norm_ratio']:.3g} | "
-                         f"{row['soft_test_acc']:.2f} -> {row['hard_test_acc']:.2f} | {row['final_test_acc']:.2f} |")
-    lines += ["", f"vit_tiny at depth {a.depth} (embed 192, 3 heads, MLP x2), flags `{' '.join(FLAGS)}`, seed 1; "
-              "`auto` is on for AdamW. One test image = 0.28 points."]
+            lines.append(
+                f"| {epochs} | {steps} | {row['reg_end_step']} | {mode} | {row['penalized_norm_ratio']:.3g} | "
+                f"{row['soft_test_acc']:.2f} -> {row['hard_test_acc']:.2f} | {row['final_test_acc']:.2f} |"
+            )
+    lines += [
+        "",
+        f"vit_tiny at depth {a.depth} (embed 192, 3 heads, MLP x2), flags `{' '.join(FLAGS)}`, seed 1; "
+        "`auto` is on for AdamW. One test image = 0.28 points.",
+    ]
     print("\n".join(lines))
     if a.record:
         record("RSST penalty against AdamW, by state length", "python bench/bench_penalty.py --record", lines)

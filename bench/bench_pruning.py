@@ -12,6 +12,7 @@ Pruning and floor are timed in turns and the fastest of each is reported; the re
 median after one warmup call. On a shared machine every multi-threaded op can
 wait a scheduler slice for its second thread; the load average is printed with the numbers.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -21,11 +22,11 @@ import time
 
 import torch
 
-from common import ROOT, apply_threads, bench_parser, machine, median_seconds, record
-
 import pruning_utils as pu  # noqa: E402  (common puts the repository root on sys.path)
 from models import create_model  # noqa: E402
 from vit_pruning_utils import vit_unit_groups  # noqa: E402
+
+from common import ROOT, apply_threads, bench_parser, machine, median_seconds, record
 
 TARGET_S, TARGET_FLOOR = 1.0, 2.0
 
@@ -76,15 +77,26 @@ def bench_arch(arch: str, repeats: int) -> list[tuple[str, int, float, str]]:
     keep2 = pu.imp_keep_count(total, 0.2, 2)
     groups = vit_unit_groups(model, "both") if arch.startswith("vit") else pu.channel_groups(model)
     kind = "heads + MLP neurons" if arch.startswith("vit") else "channels"
-    prune_s, floor_s, flat_s = interleaved([lambda: pu.global_magnitude_prune(weights, imp, keep2),
-                                            lambda: one_pass_floor(weights, 0.01),
-                                            lambda: flat_one_pass_floor(weights, 0.01)], repeats)
+    prune_s, floor_s, flat_s = interleaved(
+        [
+            lambda: pu.global_magnitude_prune(weights, imp, keep2),
+            lambda: one_pass_floor(weights, 0.01),
+            lambda: flat_one_pass_floor(weights, 0.01),
+        ],
+        repeats,
+    )
     regroup_s = median_seconds(lambda: pu.regroup(groups, weights, imp, "magnitude"), 1, repeats)
-    return [(f"{arch} global magnitude prune (inside a mask)", total, prune_s,
-             f"{prune_s / flat_s:.2f}x the flat floor, {prune_s / floor_s:.2f}x the per-layer floor"),
-            (f"{arch} one-pass floor, one flat vector (cat, abs, compare)", total, flat_s, ""),
-            (f"{arch} one-pass floor, per layer (abs, compare)", total, floor_s, ""),
-            (f"{arch} regroup ({kind}, magnitude)", total, regroup_s, "")]
+    return [
+        (
+            f"{arch} global magnitude prune (inside a mask)",
+            total,
+            prune_s,
+            f"{prune_s / flat_s:.2f}x the flat floor, {prune_s / floor_s:.2f}x the per-layer floor",
+        ),
+        (f"{arch} one-pass floor, one flat vector (cat, abs, compare)", total, flat_s, ""),
+        (f"{arch} one-pass floor, per layer (abs, compare)", total, floor_s, ""),
+        (f"{arch} regroup ({kind}, magnitude)", total, regroup_s, ""),
+    ]
 
 
 PEAK = """
@@ -131,9 +143,12 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {name} | {total:,} | {sec:.3f} | {note} |")
             print(lines[-1], flush=True)
     extra, size = peak_extra_bytes("vit_small")
-    lines += ["", f"vit_small, one global pruning call: peak resident memory +{extra / 2**20:.0f} MiB over the model "
-              f"({size / 2**20:.0f} MiB of prunable weights; {extra / size:.2f}x). Target: pruning within "
-              f"{TARGET_FLOOR:g}x of the one-pass floor."]
+    lines += [
+        "",
+        f"vit_small, one global pruning call: peak resident memory +{extra / 2**20:.0f} MiB over the model "
+        f"({size / 2**20:.0f} MiB of prunable weights; {extra / size:.2f}x). Target: pruning within "
+        f"{TARGET_FLOOR:g}x of the one-pass floor.",
+    ]
     print(lines[-1])
     if a.record:
         record("Pruning step cost (CPU)", "python bench/bench_pruning.py " + shlex.join(sys.argv[1:]), lines)

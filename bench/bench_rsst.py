@@ -10,6 +10,7 @@ soft - hard gap at removal) to bench/RESULTS.md and draws compare.py pictures of
 
     python bench/bench_rsst.py [--groups res20s vit ablation] [--seeds 1 2 3] [--methods NAME ...] [--jobs 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,41 +26,64 @@ import time
 import torch
 import yaml
 
-from common import ROOT, apply_threads, record
-
 import main_imp_fillback as mif  # noqa: E402  (common puts the repository root on sys.path)
+
+from common import ROOT, apply_threads, record
 
 COMMON = ["--dataset", "digits", "--threads", "1", "--wandb", "disabled"]
 CNN = ["--arch", "res20s", "--rate", "0.2", "--pruning_times", "5", "--epochs", "15", "--batch_size", "64"]
-VIT = ["--arch", "vit_tiny", "--vit_structured", "--vit_prune_target", "both", "--rate", "0.3", "--pruning_times", "3",
-       "--epochs", "30", "--augment", "light", "--batch_size", "32"]
+VIT = [
+    "--arch",
+    "vit_tiny",
+    "--vit_structured",
+    "--vit_prune_target",
+    "both",
+    "--rate",
+    "0.3",
+    "--pruning_times",
+    "3",
+    "--epochs",
+    "30",
+    "--augment",
+    "light",
+    "--batch_size",
+    "32",
+]
 GROUPS = {
     "res20s": {
         "flags": CNN,
-        "methods": {"IMP unstructured": ["--struct", "rsst", "--unstructured"],
-                    "Refill": ["--struct", "refill"],
-                    "RSST calibrated": ["--struct", "rsst"],
-                    "RSST raw": ["--struct", "rsst", "--reg_mode", "raw"]},
+        "methods": {
+            "IMP unstructured": ["--struct", "rsst", "--unstructured"],
+            "Refill": ["--struct", "refill"],
+            "RSST calibrated": ["--struct", "rsst"],
+            "RSST raw": ["--struct", "rsst", "--reg_mode", "raw"],
+        },
     },
     "vit": {
         "flags": VIT,
-        "methods": {"Refill": ["--struct", "refill"],
-                    "RSST calibrated": ["--struct", "rsst"],
-                    "RSST raw": ["--struct", "rsst", "--reg_mode", "raw"]},
+        "methods": {
+            "Refill": ["--struct", "refill"],
+            "RSST calibrated": ["--struct", "rsst"],
+            "RSST raw": ["--struct", "rsst", "--reg_mode", "raw"],
+        },
     },
     "ablation": {  # --reg_end on res20s RSST calibrated, seed 1 (0.5 is the res20s group's run)
         "flags": CNN,
-        "methods": {"reg_end 0.3": ["--struct", "rsst", "--reg_end", "0.3"],
-                    "reg_end 0.7": ["--struct", "rsst", "--reg_end", "0.7"]},
+        "methods": {
+            "reg_end 0.3": ["--struct", "rsst", "--reg_end", "0.3"],
+            "reg_end 0.7": ["--struct", "rsst", "--reg_end", "0.7"],
+        },
         "seeds": [1],
         "base": "res20s",
         "shared": {"reg_end 0.5": "RSST calibrated"},  # rows that are runs of the base group
     },
     "vit_ablation": {  # unscaled steps on P, a linear lambda, --reg_end 0.3: against the vit group's RSST, seed 1
         "flags": VIT,
-        "methods": {"unscaled updates": ["--struct", "rsst", "--reg_scale_updates", "off"],
-                    "schedule x": ["--struct", "rsst", "--RST_schedule", "x"],
-                    "reg_end 0.3": ["--struct", "rsst", "--reg_end", "0.3"]},
+        "methods": {
+            "unscaled updates": ["--struct", "rsst", "--reg_scale_updates", "off"],
+            "schedule x": ["--struct", "rsst", "--RST_schedule", "x"],
+            "reg_end 0.3": ["--struct", "rsst", "--reg_end", "0.3"],
+        },
         "seeds": [1],
         "base": "vit",
         "shared": {"RSST calibrated (default)": "RSST calibrated"},
@@ -171,8 +195,11 @@ def mean_std(values: list[float]) -> str:
 
 def table(group: str, items: list, states: int) -> list[str]:
     """Markdown: per method, mean +- std test accuracy of each state's ticket, remaining %, RSST diagnostics."""
-    head = "| method | seeds | " + " | ".join(f"state {k}" for k in range(states)) + \
-           " | max norm ratio at removal | max soft - hard |"
+    head = (
+        "| method | seeds | "
+        + " | ".join(f"state {k}" for k in range(states))
+        + " | max norm ratio at removal | max soft - hard |"
+    )
     lines = [head, "|---|---|" + "---|" * (states + 2)]
     by_method: dict[str, list[list[dict]]] = {}
     for item in items:
@@ -186,16 +213,28 @@ def table(group: str, items: list, states: int) -> list[str]:
             accs = [r[k]["final_test_acc"] for r in runs]
             remaining = statistics.mean(r[k]["remaining_weights"] for r in runs)
             cells.append(f"{mean_std(accs)} ({remaining:.1f} %)")
-        ratios = [r[k]["penalized_norm_ratio"] for r in runs for k in range(1, states)
-                  if r[k].get("penalized_norm_ratio") is not None]
-        gaps = [r[k]["soft_test_acc"] - r[k]["hard_test_acc"] for r in runs for k in range(1, states)
-                if r[k].get("soft_test_acc") is not None]
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) +
-                     f" | {max(ratios):.2g} | {max(gaps):+.2f} |" if ratios else
-                     f"| {name} | {len(runs)} | " + " | ".join(cells) + " | - | - |")
+        ratios = [
+            r[k]["penalized_norm_ratio"]
+            for r in runs
+            for k in range(1, states)
+            if r[k].get("penalized_norm_ratio") is not None
+        ]
+        gaps = [
+            r[k]["soft_test_acc"] - r[k]["hard_test_acc"]
+            for r in runs
+            for k in range(1, states)
+            if r[k].get("soft_test_acc") is not None
+        ]
+        lines.append(
+            f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {max(ratios):.2g} | {max(gaps):+.2f} |"
+            if ratios
+            else f"| {name} | {len(runs)} | " + " | ".join(cells) + " | - | - |"
+        )
     if "Refill" in by_method and "RSST calibrated" in by_method:
-        means = {m: [statistics.mean(r[k]["final_test_acc"] for r in by_method[m]) for k in range(states)]
-                 for m in ("Refill", "RSST calibrated")}
+        means = {
+            m: [statistics.mean(r[k]["final_test_acc"] for r in by_method[m]) for k in range(states)]
+            for m in ("Refill", "RSST calibrated")
+        }
         diff = [f"{c - r:+.2f}" for c, r in zip(means["RSST calibrated"], means["Refill"])]
         lines.append("| RSST calibrated - Refill (means) | | " + " | ".join(diff) + " | | |")
     return lines
@@ -204,8 +243,9 @@ def table(group: str, items: list, states: int) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
-    p.add_argument("--seeds", nargs="+", type=int,
-                   help="these seeds for every group (default: the group's own, else 1 2 3)")
+    p.add_argument(
+        "--seeds", nargs="+", type=int, help="these seeds for every group (default: the group's own, else 1 2 3)"
+    )
     p.add_argument("--methods", nargs="+", help="only these methods (names as in the tables); default all")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_rsst"))
@@ -232,22 +272,36 @@ def main() -> int:
             with open(os.path.join(save, "summary.json")) as f:
                 train_s += sum(r.get("seconds") or 0.0 for r in json.load(f))
         spec = GROUPS[group]
-        lines += ["", "Test accuracy (%) of each state's ticket, mean ± std over seeds (remaining prunable "
-                  "weights); RSST: largest penalized norm ratio and soft - hard gap at removal over states >= 1.",
-                  f"Flags: `{' '.join(spec['flags'] + COMMON)}` plus per method: " +
-                  "; ".join(f"{n}: `{' '.join(f) or '(none)'}`" for n, f in spec["methods"].items()
-                            if not a.methods or n in a.methods) +
-                  f". Seeds {seeds_of(group, a.seeds)}; state 0 trained once per seed and shared. "
-                  f"Training time summed over these runs' summaries (the shared state 0 counted in each): "
-                  f"{train_s / 60:.0f} min (the runs shared the cores with other work at times)."]
+        lines += [
+            "",
+            "Test accuracy (%) of each state's ticket, mean ± std over seeds (remaining prunable "
+            "weights); RSST: largest penalized norm ratio and soft - hard gap at removal over states >= 1.",
+            f"Flags: `{' '.join(spec['flags'] + COMMON)}` plus per method: "
+            + "; ".join(
+                f"{n}: `{' '.join(f) or '(none)'}`"
+                for n, f in spec["methods"].items()
+                if not a.methods or n in a.methods
+            )
+            + f". Seeds {seeds_of(group, a.seeds)}; state 0 trained once per seed and shared. "
+            f"Training time summed over these runs' summaries (the shared state 0 counted in each): "
+            f"{train_s / 60:.0f} min (the runs shared the cores with other work at times).",
+        ]
         print("\n".join(lines))
         if not a.no_record:
-            record(f"RSST vs Refill on digits: {group}", "python bench/bench_rsst.py " + shlex.join(sys.argv[1:]), lines)
-        seed1 = [os.path.relpath(it["save"], ROOT) for it in group_items  # no machine paths in results/
-                 if it["seed"] == 1 and finished(it["save"], states)]
+            record(
+                f"RSST vs Refill on digits: {group}", "python bench/bench_rsst.py " + shlex.join(sys.argv[1:]), lines
+            )
+        seed1 = [
+            os.path.relpath(it["save"], ROOT)
+            for it in group_items  # no machine paths in results/
+            if it["seed"] == 1 and finished(it["save"], states)
+        ]
         if len(seed1) > 1:
-            subprocess.run([sys.executable, "compare.py", *seed1, "--out", os.path.join("results", f"digits_{group}")],
-                           cwd=ROOT, check=False)
+            subprocess.run(
+                [sys.executable, "compare.py", *seed1, "--out", os.path.join("results", f"digits_{group}")],
+                cwd=ROOT,
+                check=False,
+            )
     return 0
 
 

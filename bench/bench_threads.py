@@ -6,6 +6,7 @@ on a loaded machine (that is the case it is about) and on an idle one.
 
     python bench/bench_threads.py [--steps 20] [--rounds 3] [--record]
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,11 @@ for _ in range({steps}):
     step()
 print((time.perf_counter() - t0) / {steps}, torch.get_num_threads())
 """
-SETTINGS = {"torch default": ({}, 0), "default + OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, 0),
-            "1 thread": ({}, 1)}
+SETTINGS = {
+    "torch default": ({}, 0),
+    "default + OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, 0),
+    "1 thread": ({}, 1),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,15 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(a.rounds):
         for name, (env, n) in SETTINGS.items():
             code = STEP.format(root=ROOT, threads=n, steps=a.steps)
-            out = subprocess.run([sys.executable, "-c", code], env={**env0, **env}, capture_output=True, text=True,
-                                 check=True).stdout.split()
+            out = subprocess.run(
+                [sys.executable, "-c", code], env={**env0, **env}, capture_output=True, text=True, check=True
+            ).stdout.split()
             times[name].append(float(out[0]))
             threads[name] = out[1]
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     lines = ["| setting | threads | median s/step | min s/step |", "|---|---|---|---|"]
     for name, t in times.items():
         lines.append(f"| {name} | {threads[name]} | {statistics.median(t):.3f} | {min(t):.3f} |")
-    lines += ["", f"res20s, batch 64, SGD, {a.steps} steps x {a.rounds} rounds per setting; load average at the end {load}."]
+    lines += [
+        "",
+        f"res20s, batch 64, SGD, {a.steps} steps x {a.rounds} rounds per setting; load average at the end {load}.",
+    ]
     print(machine())
     print("\n".join(lines))
     if a.record:

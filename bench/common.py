@@ -1,4 +1,5 @@
 """Shared helpers of the bench scripts: the machine description, timing, and --record."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -22,8 +23,10 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"{os.cpu_count()} CPU cores ({cpu}), torch threads {torch.get_num_threads()}, {gpu}, "
-            f"torch {torch.__version__}, Python {platform.python_version()}, load average {load}")
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}), torch threads {torch.get_num_threads()}, {gpu}, "
+        f"torch {torch.__version__}, Python {platform.python_version()}, load average {load}"
+    )
 
 
 def median_seconds(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) -> float:
@@ -41,8 +44,10 @@ def median_seconds(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) 
 def record(title: str, command: str, lines: list[str]) -> None:
     """Append a section (title, date, machine, command, result lines) to bench/RESULTS.md."""
     with open(RESULTS, "a") as f:
-        f.write(f"\n## {title} ({time.strftime('%Y-%m-%d')})\n\nMachine: {machine()}\n\n"
-                f"Command: `{command}`\n\n" + "\n".join(lines) + "\n")
+        f.write(
+            f"\n## {title} ({time.strftime('%Y-%m-%d')})\n\nMachine: {machine()}\n\n"
+            f"Command: `{command}`\n\n" + "\n".join(lines) + "\n"
+        )
     print(f"appended to {RESULTS}")
 
 

@@ -6,14 +6,22 @@ registry names the module of each model and imports it on first use, so reading 
 (the command line's `--arch` choices) costs no torch import. `timm:NAME` builds timm's
 VisionTransformer NAME (checked against timm when the model is built, see models/vit.py).
 """
+
 from __future__ import annotations
 
 import importlib
 
 MODELS: dict[str, str] = {  # name -> module in this package that defines a function `name`
-    "res20s": "resnet", "res56s": "resnet", "res18": "resnet", "vgg16_bn": "vgg",
-    "vit_tiny": "vit", "vit_small": "vit", "vit_base": "vit",
-    "vit_small_imagenet": "vit", "vit_base_imagenet": "vit", "vit_large_imagenet": "vit",
+    "res20s": "resnet",
+    "res56s": "resnet",
+    "res18": "resnet",
+    "vgg16_bn": "vgg",
+    "vit_tiny": "vit",
+    "vit_small": "vit",
+    "vit_base": "vit",
+    "vit_small_imagenet": "vit",
+    "vit_base_imagenet": "vit",
+    "vit_large_imagenet": "vit",
 }
 MODEL_NAMES = sorted(MODELS)
 TIMM_PREFIX = "timm:"
@@ -23,8 +31,9 @@ class _ArchChoices(tuple):
     """The `--arch` choices: the registry names and any timm:NAME."""
 
     def __contains__(self, name) -> bool:
-        return tuple.__contains__(self, name) or (isinstance(name, str) and name.startswith(TIMM_PREFIX)
-                                                 and len(name) > len(TIMM_PREFIX))
+        return tuple.__contains__(self, name) or (
+            isinstance(name, str) and name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX)
+        )
 
 
 ARCH_CHOICES = _ArchChoices(MODEL_NAMES + [TIMM_PREFIX + "NAME"])
@@ -41,7 +50,8 @@ def create_model(name: str, num_classes: int, img_size: int | None = None, **kw)
     kw = {**kw, **({} if img_size is None else {"img_size": img_size})}
     if name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX):
         from .vit import timm_vit
-        return timm_vit(name[len(TIMM_PREFIX):], num_classes=num_classes, **kw)
+
+        return timm_vit(name[len(TIMM_PREFIX) :], num_classes=num_classes, **kw)
     if name not in MODELS:
         raise ValueError(f"unknown arch {name!r}; choose from {', '.join(MODEL_NAMES)} or timm:NAME")
     module = importlib.import_module(f".{MODELS[name]}", __name__)
@@ -54,4 +64,5 @@ def input_norm(name: str) -> tuple | None:
     if not is_vit(name):
         return None
     from .vit import input_norm as vit_input_norm
+
     return vit_input_norm(name)

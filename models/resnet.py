@@ -3,6 +3,7 @@
 Every conv and linear is a module call so forward hooks see it. The stem conv (`conv1`) is
 never pruned; every other Conv2d weight is prunable (ALGORITHM.md).
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -76,8 +76,7 @@ class CifarResNet(nn.Module):
         conv1 -> bn1 -> ReLU -> conv2. Between them only BN and ReLU act, so a channel whose
         filter is zero reaches conv2 as a constant. Residual-stream channels (conv2 and
         shortcut outputs) are tied to the sum and are not listed."""
-        return [(f"{n}.conv1", f"{n}.bn1", f"{n}.conv2") for n, m in self.named_modules()
-                if isinstance(m, BasicBlock)]
+        return [(f"{n}.conv1", f"{n}.bn1", f"{n}.conv2") for n, m in self.named_modules() if isinstance(m, BasicBlock)]
 
 
 def res20s(num_classes: int, img_size: int = 32, width: int = 16) -> CifarResNet:

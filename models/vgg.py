@@ -1,4 +1,5 @@
 """VGG-16 with batch norm for CIFAR-size input. The first conv (stem) is not pruned."""
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ Reads a timm / Hugging Face weight file (.safetensors through the `safetensors` 
 - any other difference (a missing, extra or differently shaped tensor) is a ValueError that
   names the first bad key, in the model's order.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,6 +24,7 @@ def read_weight_file(path: str) -> dict[str, torch.Tensor]:
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
+
             sd = load_file(path, device="cpu")
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -35,7 +37,7 @@ def read_weight_file(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError("not a state dict (a mapping of names to tensors)")
     if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -63,13 +65,16 @@ def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
     pos, mine = sd.get("pos_embed"), own.get("pos_embed")
     if pos is not None and mine is not None and pos.shape != mine.shape and pos.shape[-1] == mine.shape[-1]:
         from timm.layers import resample_abs_pos_embed
+
         prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
         try:
-            sd["pos_embed"] = resample_abs_pos_embed(pos.float(), list(model.patch_embed.grid_size),
-                                                     num_prefix_tokens=prefix).to(pos.dtype)
+            sd["pos_embed"] = resample_abs_pos_embed(
+                pos.float(), list(model.patch_embed.grid_size), num_prefix_tokens=prefix
+            ).to(pos.dtype)
         except Exception as e:
-            raise ValueError(f"first bad key 'pos_embed': cannot resample {_shape(pos)} to {_shape(mine)} "
-                             f"({type(e).__name__})") from None
+            raise ValueError(
+                f"first bad key 'pos_embed': cannot resample {_shape(pos)} to {_shape(mine)} ({type(e).__name__})"
+            ) from None
         notes.append(f"pos_embed resampled from {pos.shape[1] - prefix} to {mine.shape[1] - prefix} patches")
     for k, v in own.items():
         if k not in sd:
@@ -96,4 +101,5 @@ def load_pretrained(model: nn.Module, arch: str, path: str | None = None) -> lis
     if path:
         return load_weight_file(model, path)
     from .vit import load_imagenet_weights
+
     return load_imagenet_weights(model, arch)

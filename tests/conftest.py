@@ -1,4 +1,5 @@
 """Shared test setup: the repository root on sys.path, wandb off, small runs in tmp dirs."""
+
 import os
 import sys
 
@@ -33,4 +34,5 @@ def run_main(tmp_path, capsys):
         argv += ["--device", "cpu"] + list(flags) + ["--save_dir", save_dir, "--wandb", "disabled"]  # later flags win
         rc = main(argv)
         return rc, save_dir, capsys.readouterr().err
+
     return _run

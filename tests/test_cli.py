@@ -1,4 +1,5 @@
 """End-to-end runs of main_imp_fillback.py on synthetic data: outputs, masks, exit codes, resume."""
+
 import csv
 import os
 
@@ -15,7 +16,7 @@ from vit_pruning_utils import head_groups, neuron_groups
 
 
 def load(save_dir, state):
-    return torch.load(os.path.join(save_dir, f"{state}checkpoint.pth.tar"), map_location="cpu", weights_only=False)
+    return torch.load(os.path.join(save_dir, f"{state}checkpoint.pth.tar"), map_location="cpu", weights_only=True)
 
 
 def masks_of(ck, key="hard"):
@@ -58,12 +59,12 @@ def test_res20s_four_states_outputs_and_densities(run_main, extra):
     for k in range(4):
         assert os.path.isfile(os.path.join(d, f"{k}model_SA_best.pth.tar"))
         ck = load(d, k)
-        assert abs(pu.density(masks_of(ck, "imp")) - 0.8 ** k) < 0.002
+        assert abs(pu.density(masks_of(ck, "imp")) - 0.8**k) < 0.002
         assert_masked_weights_zero(ck)
         hard = masks_of(ck)
         assert same_masks(hard, masks_of(ck, "target"))
         if extra:
-            assert abs(pu.density(hard) - 0.8 ** k) < 0.002
+            assert abs(pu.density(hard) - 0.8**k) < 0.002
         else:
             assert pu.units_all_or_nothing(pu.channel_groups(model), hard)
         if previous is not None:  # masks only shrink across states
@@ -72,8 +73,22 @@ def test_res20s_four_states_outputs_and_densities(run_main, extra):
 
 
 def _vit_run(run_main, struct, *extra):
-    rc, d, _ = run_main("--arch", "vit_tiny", "--struct", struct, "--vit_structured", "--vit_prune_target", "both",
-                        "--rate", "0.3", "--pruning_times", "3", "--epochs", "1", *extra)
+    rc, d, _ = run_main(
+        "--arch",
+        "vit_tiny",
+        "--struct",
+        struct,
+        "--vit_structured",
+        "--vit_prune_target",
+        "both",
+        "--rate",
+        "0.3",
+        "--pruning_times",
+        "3",
+        "--epochs",
+        "1",
+        *extra,
+    )
     assert rc == 0
     return d
 
@@ -97,8 +112,20 @@ def test_vit_head_and_neuron_masks_are_quasi_structured(run_main, struct):
 
 @pytest.mark.parametrize("schedule", ["x", "x^2", "x^3", "exp", "exp_custom", "exp_custom_exponents"])
 def test_rsst_raw_lambda_grows_to_strength_and_penalized_norm_falls(run_main, schedule):
-    rc, d, _ = run_main("--arch", "res20s", "--RST_schedule", schedule, "--pruning_times", "2", "--epochs", "2",
-                        "--reg_mode", "raw", "--reg_granularity_prune", "2.0")
+    rc, d, _ = run_main(
+        "--arch",
+        "res20s",
+        "--RST_schedule",
+        schedule,
+        "--pruning_times",
+        "2",
+        "--epochs",
+        "2",
+        "--reg_mode",
+        "raw",
+        "--reg_granularity_prune",
+        "2.0",
+    )
     assert rc == 0
     ck = load(d, 1)
     trace = ck["state_progress"]["trace"]
@@ -108,7 +135,9 @@ def test_rsst_raw_lambda_grows_to_strength_and_penalized_norm_falls(run_main, sc
     assert norms[-1] < 1.0
     assert same_masks(masks_of(ck), masks_of(ck, "target"))  # the saved state mask is R
     row = summary_rows(d)[1]
-    assert row["soft_test_acc"] != "" and row["hard_test_acc"] != "" and float(row["final_lambda"]) == pytest.approx(2.0)
+    assert (
+        row["soft_test_acc"] != "" and row["hard_test_acc"] != "" and float(row["final_lambda"]) == pytest.approx(2.0)
+    )
     assert int(row["reg_end_step"]) == ck["state_progress"]["removal"]["step"] == 6  # raw: at the state end
     assert pu.count_ones(masks_of(load(d, 1), "penalty")) > 0
 
@@ -138,13 +167,36 @@ def test_rsst_calibrated_removes_at_reg_end_then_recovers(run_main):
     assert "optimizer" not in best  # weights and mask only
 
 
-@pytest.mark.parametrize("arch, mode, scaled", [("vit_tiny", "auto", True), ("vit_tiny", "off", False),
-                                               ("res20s", "auto", False), ("res20s", "on", True)])
+@pytest.mark.parametrize(
+    "arch, mode, scaled",
+    [("vit_tiny", "auto", True), ("vit_tiny", "off", False), ("res20s", "auto", False), ("res20s", "on", True)],
+)
 def test_reg_scale_updates_auto_is_on_for_adamw_only(tmp_path, capsys, arch, mode, scaled):
-    rc = mif.main(["--dataset", "synthetic", "--synthetic_size", "96", "--batch_size", "32", "--device", "cpu",
-                   "--arch", arch, "--pruning_times", "2", "--epochs", "1", "--reg_scale_updates", mode,
-                   "--save_dir", str(tmp_path / "run"), "--wandb", "disabled",
-                   *(["--vit_structured"] if arch == "vit_tiny" else [])])
+    rc = mif.main(
+        [
+            "--dataset",
+            "synthetic",
+            "--synthetic_size",
+            "96",
+            "--batch_size",
+            "32",
+            "--device",
+            "cpu",
+            "--arch",
+            arch,
+            "--pruning_times",
+            "2",
+            "--epochs",
+            "1",
+            "--reg_scale_updates",
+            mode,
+            "--save_dir",
+            str(tmp_path / "run"),
+            "--wandb",
+            "disabled",
+            *(["--vit_structured"] if arch == "vit_tiny" else []),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "RSST (calibrated)" in out
@@ -165,8 +217,16 @@ def test_dropped_channels_bn_entries_are_zero_after_rewind_and_steps(run_main):
             for key in ("weight", "bias"):
                 assert bool((ck["state_dict"][f"{norms[g.layer]}.{key}"][dead] == 0).all()), (name, g.layer)
         assert dropped > 0
-    run = make_run("--arch", "res20s", "--dataset", "synthetic", "--synthetic_size", "64",
-                   "--save_dir", str(os.path.join(d, "..", "rewound")))
+    run = make_run(
+        "--arch",
+        "res20s",
+        "--dataset",
+        "synthetic",
+        "--synthetic_size",
+        "64",
+        "--save_dir",
+        str(os.path.join(d, "..", "rewound")),
+    )
     run.set_ticket(imp_loop.Ticket.from_saved(load(d, 1)["masks"], "cpu"))
     run.rewind()  # theta_r has gamma = 1 everywhere; the rewind must kill the dropped channels again
     state = run.model.state_dict()
@@ -189,7 +249,9 @@ def test_same_seed_same_masks_and_config_replay(run_main, tmp_path):
 
 
 def test_rewind_restores_every_parameter_and_buffer_without_aliasing(tmp_path):
-    run = make_run("--arch", "res20s", "--dataset", "synthetic", "--synthetic_size", "64", "--save_dir", str(tmp_path / "r"))
+    run = make_run(
+        "--arch", "res20s", "--dataset", "synthetic", "--synthetic_size", "64", "--save_dir", str(tmp_path / "r")
+    )
     before = {k: v.clone() for k, v in run.theta_r.items()}
     run.model.train()
     opt = torch.optim.SGD(run.model.parameters(), lr=0.5)
@@ -279,6 +341,7 @@ def test_missing_cifar_without_network_exits_2(run_main, tmp_path, monkeypatch):
 
     def offline(self, *a, **kw):
         raise OSError("network unreachable")
+
     monkeypatch.setattr(tvd.CIFAR100, "download", offline)
     rc, _, err = run_main("--dataset", "cifar100", "--data", str(tmp_path / "nodata"), small=False)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "cifar-100" in err
@@ -293,8 +356,9 @@ def test_resume_with_nothing_to_resume_and_existing_run_are_refused(run_main, tm
     rc, _, err = run_main("--arch", "res20s", "--pruning_times", "1", "--epochs", "1", save_dir=tmp_path / "x")
     assert rc == 2 and "--overwrite" in err
     assert os.path.getmtime(os.path.join(d, "0checkpoint.pth.tar")) == stamp
-    rc, _, _ = run_main("--arch", "res20s", "--pruning_times", "1", "--epochs", "1", "--overwrite",
-                        save_dir=tmp_path / "x")
+    rc, _, _ = run_main(
+        "--arch", "res20s", "--pruning_times", "1", "--epochs", "1", "--overwrite", save_dir=tmp_path / "x"
+    )
     assert rc == 0
 
 
@@ -354,14 +418,36 @@ def test_resume_refuses_a_checkpoint_of_another_arch(run_main, tmp_path):
 
 
 def test_rewind_lt_and_pt_rewind_points(run_main, tmp_path):
-    rc, d, _ = run_main("--arch", "res20s", "--pruning_times", "2", "--epochs", "2", "--prune_type", "rewind_lt",
-                        "--rewind_epoch", "1", save_dir=tmp_path / "rw")
+    rc, d, _ = run_main(
+        "--arch",
+        "res20s",
+        "--pruning_times",
+        "2",
+        "--epochs",
+        "2",
+        "--prune_type",
+        "rewind_lt",
+        "--rewind_epoch",
+        "1",
+        save_dir=tmp_path / "rw",
+    )
     assert rc == 0
     init = torch.load(os.path.join(d, "init.pth.tar"), weights_only=True)["state_dict"]
     rewind = torch.load(os.path.join(d, "rewind.pth.tar"), weights_only=True)["state_dict"]
     assert not torch.equal(init["layers.0.0.conv1.weight"], rewind["layers.0.0.conv1.weight"])
-    rc, p, _ = run_main("--arch", "res20s", "--pruning_times", "1", "--epochs", "1", "--prune_type", "pt",
-                        "--pretrained", os.path.join(d, "0checkpoint.pth.tar"), save_dir=tmp_path / "pt")
+    rc, p, _ = run_main(
+        "--arch",
+        "res20s",
+        "--pruning_times",
+        "1",
+        "--epochs",
+        "1",
+        "--prune_type",
+        "pt",
+        "--pretrained",
+        os.path.join(d, "0checkpoint.pth.tar"),
+        save_dir=tmp_path / "pt",
+    )
     assert rc == 0
     start = torch.load(os.path.join(p, "init.pth.tar"), weights_only=True)["state_dict"]
     trained = load(d, 0)["state_dict"]
@@ -373,6 +459,7 @@ def test_command_line_choices_match_the_implementations():
     import pruning_utils as pu
     import rsst
     import vit_pruning_utils as vpu
+
     assert set(mif.DATASETS) == set(dataset.DATASETS)
     assert sorted(mif.CRITERIA) == sorted(pu.CRITERIA)
     assert sorted(mif.SCHEDULES) == sorted(rsst.SCHEDULES)
@@ -383,9 +470,17 @@ def test_command_line_choices_match_the_implementations():
 def test_argument_errors_and_help_come_before_torch_loads(flags):
     import subprocess
     import sys
-    code = ("import sys; import main_imp_fillback as m\n"
-            "try:\n    rc = m.main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
-            "sys.exit(rc if 'torch' not in sys.modules else 99)")
-    p = subprocess.run([sys.executable, "-c", code, *flags], cwd=os.path.dirname(os.path.dirname(__file__)),
-                       capture_output=True, text=True, timeout=60)
+
+    code = (
+        "import sys; import main_imp_fillback as m\n"
+        "try:\n    rc = m.main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+        "sys.exit(rc if 'torch' not in sys.modules else 99)"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, *flags],
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == (0 if flags == ["--help"] else 2), p.stderr

@@ -1,5 +1,6 @@
 """compare.py, mask_plots.py and sweeps/: three short synthetic ViT runs compared, refused mixes,
 mask pictures whose unit counts match the checkpoints, and the sweep scripts' commands."""
+
 import itertools
 import json
 import os
@@ -19,8 +20,24 @@ import pruning_utils as pu
 from models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--arch", "vit_tiny", "--dataset", "synthetic", "--synthetic_size", "64", "--batch_size", "32",
-         "--epochs", "1", "--pruning_times", "2", "--wandb", "disabled", "--device", "cpu"]
+SMALL = [
+    "--arch",
+    "vit_tiny",
+    "--dataset",
+    "synthetic",
+    "--synthetic_size",
+    "64",
+    "--batch_size",
+    "32",
+    "--epochs",
+    "1",
+    "--pruning_times",
+    "2",
+    "--wandb",
+    "disabled",
+    "--device",
+    "cpu",
+]
 KINDS = {
     "unstructured": [],
     "refill": ["--struct", "refill", "--vit_structured", "--vit_prune_target", "both", "--rate", "0.3"],
@@ -124,8 +141,11 @@ def test_bad_run_dirs_exit_2_with_one_line(tmp_path, capsys, make):
 
 
 def test_best_state_prefers_pruned_states():
-    rows = [{"state": 0, "final_test_acc": 90.0}, {"state": 1, "final_test_acc": 70.0},
-            {"state": 2, "final_test_acc": 80.0}]
+    rows = [
+        {"state": 0, "final_test_acc": 90.0},
+        {"state": 1, "final_test_acc": 70.0},
+        {"state": 2, "final_test_acc": 80.0},
+    ]
     assert compare.best_state(rows)["state"] == 2
     assert compare.best_state(rows[:1])["state"] == 0
 
@@ -218,8 +238,13 @@ def test_wandb_sweep_grid_parses_as_main_flags():
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-@pytest.mark.parametrize("script,values,flag", [("criteria.sh", ["remain", "magnitude", "l1", "l2", "saliency"],
-                                                 "--criteria"), ("rates.sh", ["0.2", "0.3", "0.4", "0.5"], "--rate")])
+@pytest.mark.parametrize(
+    "script,values,flag",
+    [
+        ("criteria.sh", ["remain", "magnitude", "l1", "l2", "saliency"], "--criteria"),
+        ("rates.sh", ["0.2", "0.3", "0.4", "0.5"], "--rate"),
+    ],
+)
 def test_sweep_scripts_run_the_seed_loops_then_compare(tmp_path, script, values, flag):
     log = tmp_path / "calls.log"
     stub = tmp_path / "python"
@@ -233,8 +258,14 @@ def test_sweep_scripts_run_the_seed_loops_then_compare(tmp_path, script, values,
     for line, value in zip(runs_, values):
         argv = line.split()
         assert argv[0] == "main_imp_fillback.py" and argv[argv.index(flag) + 1] == value
-        for f, default in (("--dataset", "cifar100"), ("--epochs", "80"), ("--pruning_times", "20"),
-                           ("--arch", "vit_tiny"), ("--struct", "rsst"), ("--batch_size", "64")):
+        for f, default in (
+            ("--dataset", "cifar100"),
+            ("--epochs", "80"),
+            ("--pruning_times", "20"),
+            ("--arch", "vit_tiny"),
+            ("--struct", "rsst"),
+            ("--batch_size", "64"),
+        ):
             assert argv[argv.index(f) + 1] == default
         assert "--vit_structured" in argv and "--resume" not in argv
         dirs.append(argv[argv.index("--save_dir") + 1])
@@ -243,8 +274,15 @@ def test_sweep_scripts_run_the_seed_loops_then_compare(tmp_path, script, values,
 
 
 def test_rsst_labels_name_the_penalty_settings_that_differ_from_the_defaults():
-    base = {"struct": "rsst", "arch": "vit_tiny", "vit_structured": True, "vit_prune_target": "both",
-            "criteria": "magnitude", "rate": 0.3, **compare.RSST_DEFAULTS}
+    base = {
+        "struct": "rsst",
+        "arch": "vit_tiny",
+        "vit_structured": True,
+        "vit_prune_target": "both",
+        "criteria": "magnitude",
+        "rate": 0.3,
+        **compare.RSST_DEFAULTS,
+    }
     assert compare.Run("a", base, []).label == "RSST magnitude rate 0.3 target both"
     ablation = {**base, "reg_end": 0.3, "reg_scale_updates": "off", "RST_schedule": "x"}
     label = compare.Run("b", ablation, []).label

@@ -1,5 +1,6 @@
 """Data: splits, seeded per-sample augmentation, the epoch sampler, the GPU-resident batch
 loader's augmentation (run here on CPU tensors)."""
+
 import torch
 
 import dataset as D
@@ -48,7 +49,7 @@ def test_crop_flip_batch_takes_windows_of_the_padded_image():
     assert y.shape == x.shape and y.dtype == torch.uint8
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for b in range(6):
-        windows = [padded[b, :, i:i + 8, j:j + 8] for i in range(5) for j in range(5)]
+        windows = [padded[b, :, i : i + 8, j : j + 8] for i in range(5) for j in range(5)]
         windows += [w.flip(2) for w in windows]
         assert any(torch.equal(y[b], w) for w in windows)
     same = L.crop_flip_batch(x, 2, True, torch.Generator().manual_seed(1))

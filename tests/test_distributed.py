@@ -1,6 +1,7 @@
 """The GPU and multi-process code paths, run on the CPU: torchrun with gloo (2 ranks), the forced
 GPU paths (batched data, bf16 autocast, channels_last, torch.compile), per-rank randomness,
 per-rank CUDA RNG state, rank-0-first downloads, and refused world-size changes."""
+
 import os
 import re
 import signal
@@ -18,21 +19,57 @@ from dataset import augment_for, load_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-SMALL = ["--dataset", "synthetic", "--synthetic_size", "64", "--batch_size", "32", "--wandb", "disabled",
-         "--device", "cpu", "--threads", "1"]
+SMALL = [
+    "--dataset",
+    "synthetic",
+    "--synthetic_size",
+    "64",
+    "--batch_size",
+    "32",
+    "--wandb",
+    "disabled",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
 RUNS = {
     "res20s": ["--arch", "res20s", "--struct", "rsst", "--pruning_times", "3", "--epochs", "1"],
-    "vit_tiny": ["--arch", "vit_tiny", "--struct", "rsst", "--vit_structured", "--vit_prune_target", "both",
-                 "--rate", "0.3", "--pruning_times", "3", "--epochs", "1"],
+    "vit_tiny": [
+        "--arch",
+        "vit_tiny",
+        "--struct",
+        "rsst",
+        "--vit_structured",
+        "--vit_prune_target",
+        "both",
+        "--rate",
+        "0.3",
+        "--pruning_times",
+        "3",
+        "--epochs",
+        "1",
+    ],
 }
 
 
 def torchrun(*flags, save_dir, wait=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "main_imp_fillback.py"), *flags, *SMALL, "--save_dir", str(save_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(ROOT, "main_imp_fillback.py"),
+        *flags,
+        *SMALL,
+        "--save_dir",
+        str(save_dir),
+    ]
     if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
 
 
@@ -78,7 +115,7 @@ def test_resume_with_another_world_size_exits_2(run_main):
     rc, d, _ = run_main("--arch", "res20s", "--pruning_times", "2", "--epochs", "1")
     assert rc == 0
     ck_path = os.path.join(d, "0checkpoint.pth.tar")
-    ck = torch.load(ck_path, weights_only=False)
+    ck = torch.load(ck_path, weights_only=True)
     ck["world"] = 2
     torch.save(ck, os.path.join(d, "latest.pth.tar"))
     os.remove(os.path.join(d, "1checkpoint.pth.tar"))
@@ -160,8 +197,14 @@ def test_rank_zero_loads_data_first(monkeypatch):
 
 
 def test_gpu_check_script_dry_run_passes():
-    p = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run"], cwd=ROOT,
-                       env={**ENV, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run"],
+        cwd=ROOT,
+        env={**ENV, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
-    block = p.stdout[p.stdout.index("===== gpu_check"):]
+    block = p.stdout[p.stdout.index("===== gpu_check") :]
     assert "pytest -m gpu: exit 0" in block and "images/s" in block and "compact" in block

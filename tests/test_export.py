@@ -1,4 +1,5 @@
 """export.py: compact models match the masked ones, are smaller, and reload from the file alone."""
+
 from __future__ import annotations
 
 import os
@@ -9,9 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compact import FoldedConv2d
 import export
 import pruning_utils as pu
+from compact import FoldedConv2d
 from models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,8 +45,7 @@ def checkpoint(model: nn.Module, arch: str, masks: dict, **kw) -> dict:
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     for n, m in masks.items():
         sd[f"{n}.weight"] *= m
-    return {"arch": arch, "num_classes": 10, "img_size": 32, "state_dict": sd, "mask": masks,
-            "model_kwargs": kw}
+    return {"arch": arch, "num_classes": 10, "img_size": 32, "state_dict": sd, "mask": masks, "model_kwargs": kw}
 
 
 def vit_checkpoint() -> dict:
@@ -177,14 +177,30 @@ def test_reload_in_fresh_process_gives_same_outputs(tmp_path, make):
     ck = make()
     ck_path, out, ref = tmp_path / "1checkpoint.pth.tar", tmp_path / "compact.pt", tmp_path / "ref.pt"
     torch.save(ck, ck_path)
-    assert export.main(["--checkpoint", str(ck_path), "--out", str(out), "--batch", "4",
-                        "--warmup", "0", "--repeats", "1", "--device", "cpu"]) == 0
+    assert (
+        export.main(
+            [
+                "--checkpoint",
+                str(ck_path),
+                "--out",
+                str(out),
+                "--batch",
+                "4",
+                "--warmup",
+                "0",
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     x = export.random_input(3, 32, seed=2)
     with torch.inference_mode():
         torch.save({"x": x, "y": export.masked_model(ck)(x)}, ref)
     code = RELOAD.format(root=ROOT, ref=str(ref), path=str(out), tol=export.TOLERANCE)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -207,12 +223,30 @@ def test_cli_failed_equivalence_exits_1_and_writes_nothing(tmp_path, monkeypatch
 
 def test_export_of_a_real_run_checkpoint(run_main, tmp_path):
     """End to end: a res20s channel run on synthetic data, exported from its state-1 checkpoint."""
-    rc, save_dir, err = run_main("--arch", "res20s", "--struct", "refill", "--rate", "0.5",
-                                 "--epochs", "1", "--pruning_times", "2")
+    rc, save_dir, err = run_main(
+        "--arch", "res20s", "--struct", "refill", "--rate", "0.5", "--epochs", "1", "--pruning_times", "2"
+    )
     assert rc == 0, err
     out = tmp_path / "compact.pt"
-    assert export.main(["--checkpoint", os.path.join(save_dir, "1checkpoint.pth.tar"), "--out", str(out),
-                        "--batch", "4", "--warmup", "0", "--repeats", "1", "--device", "cpu"]) == 0
+    assert (
+        export.main(
+            [
+                "--checkpoint",
+                os.path.join(save_dir, "1checkpoint.pth.tar"),
+                "--out",
+                str(out),
+                "--batch",
+                "4",
+                "--warmup",
+                "0",
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     ck = export.read_checkpoint(os.path.join(save_dir, "1checkpoint.pth.tar"))
     assert export.count_params(export.load_compact(str(out))) < export.count_params(export.masked_model(ck))
 
@@ -227,6 +261,7 @@ def test_warns_when_a_checkpoint_is_denser_than_its_states_target(tmp_path):
     torch.save(state, tmp_path / "1checkpoint.pth.tar")
     torch.save(ck, tmp_path / "1model_SA_best.pth.tar")
     assert "more than its state's structured target" in export.target_density_warning(
-        ck, str(tmp_path / "1model_SA_best.pth.tar"))
+        ck, str(tmp_path / "1model_SA_best.pth.tar")
+    )
     assert export.target_density_warning(state, str(tmp_path / "1checkpoint.pth.tar")) is not None
     assert export.target_density_warning(dict(ck, masks={"target": ck["mask"]}), "x.pth.tar") is None

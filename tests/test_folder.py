@@ -1,5 +1,6 @@
 """Image folders (--dataset folder / imagenet), timm ViTs (timm:NAME) and local pretrained weights
 (--pretrained_file): generated JPEG trees and weight files in tmp dirs, no network."""
+
 from __future__ import annotations
 
 import os
@@ -48,6 +49,7 @@ def weight_file(tmp_path_factory):
     """timm's own vit_tiny_patch16_224 (1000 classes, 224 px, random weights) as .safetensors."""
     import timm
     from safetensors.torch import save_file
+
     torch.manual_seed(0)
     sd = timm.create_model(TIMM_NAME, pretrained=False).state_dict()
     path = str(tmp_path_factory.mktemp("weights") / "vit_tiny.safetensors")
@@ -57,6 +59,7 @@ def weight_file(tmp_path_factory):
 
 def file_weights(path):
     from safetensors.torch import load_file
+
     return load_file(path)
 
 
@@ -106,8 +109,10 @@ def test_persistent_workers_follow_each_epochs_seed(tree):
 # ----------------------------------------------------------------------------- weights
 def test_loaded_file_gives_timms_own_logits(weight_file):
     import timm
-    ref = timm.create_model(TIMM_NAME, pretrained=True, img_size=64,
-                            pretrained_cfg_overlay=dict(file=weight_file)).eval()  # timm's own loader, offline
+
+    ref = timm.create_model(
+        TIMM_NAME, pretrained=True, img_size=64, pretrained_cfg_overlay=dict(file=weight_file)
+    ).eval()  # timm's own loader, offline
     ours = create_model(f"timm:{TIMM_NAME}", 1000, 64).eval()
     notes = load_weight_file(ours, weight_file)
     assert notes == ["pos_embed resampled from 196 to 16 patches"]
@@ -125,8 +130,18 @@ def test_another_class_count_reinitializes_the_classifier(weight_file):
 
 
 def test_recipe_for_pretrained_vits_is_fine_tuning_and_flags_override(weight_file, tmp_path):
-    argv = ["--dataset", "folder", "--arch", f"timm:{TIMM_NAME}", "--pretrained_file", weight_file,
-            "--save_dir", str(tmp_path / "r"), "--epochs", "10"]
+    argv = [
+        "--dataset",
+        "folder",
+        "--arch",
+        f"timm:{TIMM_NAME}",
+        "--pretrained_file",
+        weight_file,
+        "--save_dir",
+        str(tmp_path / "r"),
+        "--epochs",
+        "10",
+    ]
     args = mif.parse_args(argv)
     mif.validate(args)
     mif.resolve(args)
@@ -142,22 +157,51 @@ def test_recipe_for_pretrained_vits_is_fine_tuning_and_flags_override(weight_fil
 # ----------------------------------------------------------------------------- runs
 def test_rsst_heads_and_mlp_from_a_pretrained_file_on_a_folder(capsys, tree, weight_file, tmp_path):
     d = str(tmp_path / "run")
-    rc = mif.main(["--dataset", "folder", "--data", tree, "--arch", f"timm:{TIMM_NAME}", "--img_size", "64",
-                   "--pretrained_file", weight_file, "--prune_type", "pt", "--struct", "rsst", "--vit_structured",
-                   "--vit_prune_target", "both", "--rate", "0.3", "--epochs", "1", "--pruning_times", "2",
-                   "--batch_size", "16", "--save_dir", d, *BASE])
+    rc = mif.main(
+        [
+            "--dataset",
+            "folder",
+            "--data",
+            tree,
+            "--arch",
+            f"timm:{TIMM_NAME}",
+            "--img_size",
+            "64",
+            "--pretrained_file",
+            weight_file,
+            "--prune_type",
+            "pt",
+            "--struct",
+            "rsst",
+            "--vit_structured",
+            "--vit_prune_target",
+            "both",
+            "--rate",
+            "0.3",
+            "--epochs",
+            "1",
+            "--pruning_times",
+            "2",
+            "--batch_size",
+            "16",
+            "--save_dir",
+            d,
+            *BASE,
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "classifier 'head' re-initialized: the file has 1000 classes, the model 10" in out
     model = create_model(f"timm:{TIMM_NAME}", 10, 64)
     groups = head_groups(model) + neuron_groups(model)
-    ck = torch.load(os.path.join(d, "1checkpoint.pth.tar"), map_location="cpu", weights_only=False)
+    ck = torch.load(os.path.join(d, "1checkpoint.pth.tar"), map_location="cpu", weights_only=True)
     assert ck["arch"] == f"timm:{TIMM_NAME}" and ck["img_size"] == 64 and ck["config"]["lr"] == 1e-4
     hard = {n: m.float() for n, m in ck["mask"].items()}
     assert pu.units_all_or_nothing(groups, hard) and pu.density(hard) < 0.9
     assert pu.units_all_or_nothing(groups, {n: m.float() for n, m in ck["masks"]["target"].items()})
     # the rewind point is the file's weights: all but the new classifier, pos_embed resampled
     from timm.layers import resample_abs_pos_embed
+
     init = torch.load(os.path.join(d, "init.pth.tar"), map_location="cpu", weights_only=True)["state_dict"]
     sd = file_weights(weight_file)
     for k, v in init.items():
@@ -167,19 +211,53 @@ def test_rsst_heads_and_mlp_from_a_pretrained_file_on_a_folder(capsys, tree, wei
             assert torch.equal(v, sd[k]), k
     assert init["head.weight"].shape == (10, 192)
     out = str(tmp_path / "compact.pt")  # export.py checks compact == masked itself (exit 1 otherwise)
-    assert export.main(["--checkpoint", os.path.join(d, "1checkpoint.pth.tar"), "--out", out, "--device", "cpu",
-                        "--repeats", "1", "--warmup", "0", "--batch", "2"]) == 0
+    assert (
+        export.main(
+            [
+                "--checkpoint",
+                os.path.join(d, "1checkpoint.pth.tar"),
+                "--out",
+                out,
+                "--device",
+                "cpu",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--batch",
+                "2",
+            ]
+        )
+        == 0
+    )
     compact = export.load_compact(out)
     assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in model.parameters())
 
 
 def test_imagenet_layout_runs_one_state(run_main, tmp_path):
     root = write_tree(tmp_path / "imagenet", {"train": 10, "val": 2}, classes=3)
-    rc, d, err = run_main("--dataset", "imagenet", "--data", root, "--arch", "res20s", "--img_size", "32",
-                          "--pruning_times", "1", "--epochs", "1", "--batch_size", "8", "--eval_batch_size", "4",
-                          *BASE, small=False)
+    rc, d, err = run_main(
+        "--dataset",
+        "imagenet",
+        "--data",
+        root,
+        "--arch",
+        "res20s",
+        "--img_size",
+        "32",
+        "--pruning_times",
+        "1",
+        "--epochs",
+        "1",
+        "--batch_size",
+        "8",
+        "--eval_batch_size",
+        "4",
+        *BASE,
+        small=False,
+    )
     assert rc == 0, err
-    ck = torch.load(os.path.join(d, "0checkpoint.pth.tar"), map_location="cpu", weights_only=False)
+    ck = torch.load(os.path.join(d, "0checkpoint.pth.tar"), map_location="cpu", weights_only=True)
     assert ck["num_classes"] == 3 and ck["img_size"] == 32 and ck["config"]["eval_batch_size"] == 4
 
 
@@ -196,24 +274,40 @@ def _bad_trees(tmp_path, weight_file, other_weights):
         "missing folder": (["--dataset", "folder", "--data", missing], "folder not found"),
         "empty class": (["--dataset", "folder", "--data", empty], "class01 holds no images"),
         "class mismatch": (["--dataset", "imagenet", "--data", mismatch], "missing: class02; extra: class09"),
-        "weights of another arch": (["--dataset", "folder", "--data", good, *vit, "--pretrained_file", other_weights],
-                                    "first bad key 'cls_token'"),
-        "unknown timm model": (["--dataset", "folder", "--data", missing, "--arch", "timm:no_such_model"],
-                               "timm:no_such_model"),  # checked before the (missing) data
-        "not a ViT": (["--dataset", "folder", "--data", good, "--arch", "timm:resnet18"], "not a timm VisionTransformer"),
+        "weights of another arch": (
+            ["--dataset", "folder", "--data", good, *vit, "--pretrained_file", other_weights],
+            "first bad key 'cls_token'",
+        ),
+        "unknown timm model": (
+            ["--dataset", "folder", "--data", missing, "--arch", "timm:no_such_model"],
+            "timm:no_such_model",
+        ),  # checked before the (missing) data
+        "not a ViT": (
+            ["--dataset", "folder", "--data", good, "--arch", "timm:resnet18"],
+            "not a timm VisionTransformer",
+        ),
         "img_size on cifar": (["--dataset", "cifar10", "--img_size", "64"], "--img_size"),
         "pretrained_file on a CNN": (["--arch", "res20s", "--pretrained_file", weight_file], "--pretrained_file"),
     }
 
 
-BAD = ["missing folder", "empty class", "class mismatch", "weights of another arch", "unknown timm model", "not a ViT",
-       "img_size on cifar", "pretrained_file on a CNN"]
+BAD = [
+    "missing folder",
+    "empty class",
+    "class mismatch",
+    "weights of another arch",
+    "unknown timm model",
+    "not a ViT",
+    "img_size on cifar",
+    "pretrained_file on a CNN",
+]
 
 
 @pytest.fixture(scope="module")
 def other_weights(tmp_path_factory):
     """A ViT-Small (one block) state dict: another architecture than vit_tiny."""
     import timm
+
     path = str(tmp_path_factory.mktemp("other") / "vit_small.pth")
     torch.save(timm.create_model("vit_small_patch16_224", pretrained=False, depth=1).state_dict(), path)
     return path
@@ -229,27 +323,38 @@ def test_bad_data_and_archs_exit_2_with_one_line(run_main, tmp_path, weight_file
 
 
 # ------------------------------------------------------------------------------ models
-@pytest.mark.parametrize("name, depth, heads, embed", [("vit_small_imagenet", 12, 6, 384),
-                                                       ("vit_base_imagenet", 12, 12, 768),
-                                                       ("vit_large_imagenet", 24, 16, 1024)])
+@pytest.mark.parametrize(
+    "name, depth, heads, embed",
+    [("vit_small_imagenet", 12, 6, 384), ("vit_base_imagenet", 12, 12, 768), ("vit_large_imagenet", 24, 16, 1024)],
+)
 def test_imagenet_vits_have_timms_geometry_and_the_vit_surface(name, depth, heads, embed):
     import models
+
     with torch.device("meta"):  # shapes only: no memory, no init cost
         model = create_model(name, 1000)
     layout = model.blocks_layout()
     assert models.is_vit(name) and models.is_vit(f"timm:{TIMM_NAME}")
     assert model.patch_embed.patch_size == (16, 16) and model.patch_embed.img_size == (224, 224)
     assert len(layout) == depth and {(b.num_heads, b.head_dim) for b in layout} == {(heads, embed // heads)}
-    assert model.prunable_layers()[:4] == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1",
-                                          "blocks.0.mlp.fc2"]
+    assert model.prunable_layers()[:4] == [
+        "blocks.0.attn.qkv",
+        "blocks.0.attn.proj",
+        "blocks.0.mlp.fc1",
+        "blocks.0.mlp.fc2",
+    ]
 
 
 def test_vit_pretrained_fits_hub_weights_without_the_hub(monkeypatch):
     """--vit_pretrained's path with timm's hub download replaced by a random model."""
     import timm
+
     from models.vit import load_imagenet_weights
+
     real = timm.create_model
     monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: real(name, **{**kw, "depth": 2}))
     model = create_model("vit_small_imagenet", 10, 64, depth=2)
     notes = load_imagenet_weights(model, "vit_small_imagenet")
-    assert [n.split(":")[0] for n in notes] == ["classifier 'head' re-initialized", "pos_embed resampled from 196 to 16 patches"]
+    assert [n.split(":")[0] for n in notes] == [
+        "classifier 'head' re-initialized",
+        "pos_embed resampled from 196 to 16 patches",
+    ]

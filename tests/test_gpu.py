@@ -2,6 +2,7 @@
 ViT, resume after a kill, export on the GPU, and the precision choice. GPU kernels are not
 bit-deterministic by default, so these compare with tolerances; with --deterministic a resume
 is bit-exact."""
+
 import csv
 import os
 import signal
@@ -17,10 +18,26 @@ import trainer
 pytestmark = pytest.mark.gpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "WANDB_MODE": "disabled"}
-FLAGS = ["--dataset", "synthetic", "--synthetic_size", "512", "--batch_size", "64", "--wandb", "disabled",
-         "--device", "cuda", "--pruning_times", "2", "--epochs", "2"]
-RUNS = {"res20s": ["--arch", "res20s", "--struct", "rsst"],
-        "vit_tiny": ["--arch", "vit_tiny", "--struct", "rsst", "--vit_structured", "--vit_prune_target", "both"]}
+FLAGS = [
+    "--dataset",
+    "synthetic",
+    "--synthetic_size",
+    "512",
+    "--batch_size",
+    "64",
+    "--wandb",
+    "disabled",
+    "--device",
+    "cuda",
+    "--pruning_times",
+    "2",
+    "--epochs",
+    "2",
+]
+RUNS = {
+    "res20s": ["--arch", "res20s", "--struct", "rsst"],
+    "vit_tiny": ["--arch", "vit_tiny", "--struct", "rsst", "--vit_structured", "--vit_prune_target", "both"],
+}
 
 
 def cli(*flags, save_dir):
@@ -34,16 +51,33 @@ def rows(d):
 
 @pytest.mark.parametrize("arch", list(RUNS))
 def test_cuda_rsst_run_removes_at_reg_end_and_exports(tmp_path, arch):
-    p = subprocess.run(cli(*RUNS[arch], save_dir=tmp_path), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=900)
+    p = subprocess.run(
+        cli(*RUNS[arch], save_dir=tmp_path), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     ck = torch.load(tmp_path / "1checkpoint.pth.tar", map_location="cpu", weights_only=True)
     assert ck["state_progress"]["removal"]["norm_ratio"] < 1e-2
     assert all(torch.equal(ck["mask"][n], ck["masks"]["target"][n]) for n in ck["mask"])
     out = tmp_path / "compact.pt"
-    e = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--checkpoint", str(tmp_path / "1checkpoint.pth.tar"),
-                        "--out", str(out), "--device", "cuda", "--repeats", "3"], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=600)
+    e = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "export.py"),
+            "--checkpoint",
+            str(tmp_path / "1checkpoint.pth.tar"),
+            "--out",
+            str(out),
+            "--device",
+            "cuda",
+            "--repeats",
+            "3",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert e.returncode == 0 and "cuda b64 ms" in e.stdout, e.stderr[-2000:]
 
 
@@ -55,9 +89,24 @@ def _kill_and_resume(tmp_path, extra):
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "main_imp_fillback.py"), "--resume", "--save_dir", str(d),
-                        "--device", "cuda", "--wandb", "disabled"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "main_imp_fillback.py"),
+            "--resume",
+            "--save_dir",
+            str(d),
+            "--device",
+            "cuda",
+            "--wandb",
+            "disabled",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     full = tmp_path / "full"
     assert subprocess.run(cli(*RUNS["res20s"], *extra, save_dir=full), cwd=ROOT, env=ENV).returncode == 0

@@ -1,4 +1,5 @@
 """Model registry: every model builds, trains a step, and declares its pruning surface."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,10 +11,16 @@ from models import MODEL_NAMES, create_model, is_vit
 
 # small variants for speed; full sizes are only built for parameter counts
 SMALL = {
-    "res20s": {"width": 4}, "res56s": {"width": 4}, "res18": {"width": 8},
+    "res20s": {"width": 4},
+    "res56s": {"width": 4},
+    "res18": {"width": 8},
     "vgg16_bn": {"width_div": 16},
-    "vit_tiny": {"depth": 1}, "vit_small": {"depth": 1}, "vit_base": {"depth": 1},
-    "vit_small_imagenet": {"depth": 1}, "vit_base_imagenet": {"depth": 1}, "vit_large_imagenet": {"depth": 1},
+    "vit_tiny": {"depth": 1},
+    "vit_small": {"depth": 1},
+    "vit_base": {"depth": 1},
+    "vit_small_imagenet": {"depth": 1},
+    "vit_base_imagenet": {"depth": 1},
+    "vit_large_imagenet": {"depth": 1},
 }
 CNNS = [n for n in MODEL_NAMES if not is_vit(n)]
 VITS = [n for n in MODEL_NAMES if is_vit(n)]
@@ -73,21 +80,25 @@ def test_cnn_prunable_layers_are_all_convs_but_the_stem(name):
 def test_vit_prunable_layers_are_the_block_linears(name):
     torch.manual_seed(0)
     model = create_model(name, NUM_CLASSES, 32, depth=2)
-    expected = [f"blocks.{i}.{part}" for i in range(2)
-                for part in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    expected = [f"blocks.{i}.{part}" for i in range(2) for part in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
     assert model.prunable_layers() == expected
     modules = dict(model.named_modules())
     assert all(isinstance(modules[n], nn.Linear) for n in expected)
 
 
-@pytest.mark.parametrize("name, heads, embed, ratio", [("vit_tiny", 3, 192, 2), ("vit_small", 6, 384, 4),
-                                                      ("vit_base", 12, 768, 4)])
+@pytest.mark.parametrize(
+    "name, heads, embed, ratio", [("vit_tiny", 3, 192, 2), ("vit_small", 6, 384, 4), ("vit_base", 12, 768, 4)]
+)
 def test_vit_blocks_layout_matches_the_weights(name, heads, embed, ratio):
     model = small_model(name)
     modules = dict(model.named_modules())
     (layout,) = model.blocks_layout()
     assert (layout.qkv, layout.proj, layout.fc1, layout.fc2) == (
-        "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2")
+        "blocks.0.attn.qkv",
+        "blocks.0.attn.proj",
+        "blocks.0.mlp.fc1",
+        "blocks.0.mlp.fc2",
+    )
     assert layout.num_heads == heads and layout.head_dim == 64
     assert layout.num_heads * layout.head_dim == embed
     assert modules[layout.qkv].weight.shape == (3 * embed, embed)
@@ -96,10 +107,16 @@ def test_vit_blocks_layout_matches_the_weights(name, heads, embed, ratio):
     assert modules[layout.fc2].weight.shape == (embed, ratio * embed)
 
 
-@pytest.mark.parametrize("name, low, high", [
-    ("res20s", 0.26e6, 0.28e6), ("res56s", 0.84e6, 0.87e6), ("res18", 11.0e6, 11.3e6),
-    ("vgg16_bn", 14.6e6, 14.9e6), ("vit_tiny", 2.6e6, 2.8e6),
-])
+@pytest.mark.parametrize(
+    "name, low, high",
+    [
+        ("res20s", 0.26e6, 0.28e6),
+        ("res56s", 0.84e6, 0.87e6),
+        ("res18", 11.0e6, 11.3e6),
+        ("vgg16_bn", 14.6e6, 14.9e6),
+        ("vit_tiny", 2.6e6, 2.8e6),
+    ],
+)
 def test_full_size_parameter_counts(name, low, high):
     torch.manual_seed(0)
     model = create_model(name, 10, 32)
@@ -119,8 +136,7 @@ def test_forward_hooks_fire_for_every_prunable_layer(name):
     model = small_model(name)
     modules = dict(model.named_modules())
     fired = []
-    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: fired.append(n))
-               for n in model.prunable_layers()]
+    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: fired.append(n)) for n in model.prunable_layers()]
     model.eval()
     with torch.no_grad():
         model(batch()[0])

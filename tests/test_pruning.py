@@ -1,4 +1,5 @@
 """Masks, global magnitude pruning, unit scoring/selection and the CNN/ViT regroup (CPU, tiny models)."""
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,7 @@ def tiny_vit(seed: int = 0) -> nn.Module:
 
 def random_batches(n: int = 2, size: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, 10, (size,), generator=g))
-            for _ in range(n)]
+    return [(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
 
 
 def clone_dict(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -63,10 +63,19 @@ def masks_equal(a: pu.Masks, b: pu.Masks) -> bool:
 
 
 # ------------------------------------------------------------------ magnitude pruning
-@pytest.mark.parametrize("total, rate, k, expected", [
-    (1000, 0.2, 1, 800), (1000, 0.2, 2, 640), (1000, 0.2, 3, 512), (17534, 0.2, 4, 7182),
-    (10, 0.5, 1, 5), (7, 0.4, 1, 4), (100, 0.0, 3, 100), (100, 1.0, 1, 0),
-])
+@pytest.mark.parametrize(
+    "total, rate, k, expected",
+    [
+        (1000, 0.2, 1, 800),
+        (1000, 0.2, 2, 640),
+        (1000, 0.2, 3, 512),
+        (17534, 0.2, 4, 7182),
+        (10, 0.5, 1, 5),
+        (7, 0.4, 1, 4),
+        (100, 0.0, 3, 100),
+        (100, 1.0, 1, 0),
+    ],
+)
 def test_imp_keep_count_is_rounded_compound_density(total, rate, k, expected):
     assert pu.imp_keep_count(total, rate, k) == expected
     assert abs(pu.imp_keep_count(total, rate, k) - total * (1 - rate) ** k) <= 0.5
@@ -122,7 +131,7 @@ def test_global_magnitude_prune_iterations_follow_compound_density_and_nest():
     for k in range(1, 5):
         trained = randomized_like(weights, seed=10 + k)  # weights change between states
         new = pu.global_magnitude_prune(trained, masks, pu.imp_keep_count(total, 0.2, k))
-        assert abs(pu.density(new) - 0.8 ** k) <= 0.002, k
+        assert abs(pu.density(new) - 0.8**k) <= 0.002, k
         assert all(bool((new[n] <= masks[n]).all()) for n in masks), k
         masks = new
 
@@ -174,11 +183,22 @@ def test_apply_masks_keeps_pruned_weights_zero_during_sgd():
 
 
 # ------------------------------------------------------------------------ selection
-@pytest.mark.parametrize("d, n, f, expected", [
-    (0.7, 3, 0.0, 2), (0.49, 3, 0.0, 1), (0.0, 3, 0.0, 1), (0.0, 64, 0.0, 1),
-    (1.0, 3, 0.0, 3), (1.0, 64, 0.0, 64), (0.5, 10, 0.1, 6), (0.5, 10, 0.0, 5),
-    (0.2, 10, 1.0, 10), (0.25, 4, 0.5, 3), (0.3, 768, 0.0, 230),
-])
+@pytest.mark.parametrize(
+    "d, n, f, expected",
+    [
+        (0.7, 3, 0.0, 2),
+        (0.49, 3, 0.0, 1),
+        (0.0, 3, 0.0, 1),
+        (0.0, 64, 0.0, 1),
+        (1.0, 3, 0.0, 3),
+        (1.0, 64, 0.0, 64),
+        (0.5, 10, 0.1, 6),
+        (0.5, 10, 0.0, 5),
+        (0.2, 10, 1.0, 10),
+        (0.25, 4, 0.5, 3),
+        (0.3, 768, 0.0, 230),
+    ],
+)
 def test_unit_budget_cases(d, n, f, expected):
     assert pu.unit_budget(d, n, f) == expected
 
@@ -211,8 +231,11 @@ def test_select_global_normalizes_by_layer_mean():
 
 def test_select_global_keeps_one_unit_per_layer_and_total_budget():
     # after normalization every unit of "b" (1.0) ranks below the top of "a" (~1.25)
-    scores = {"a": torch.tensor([1.0, 100.0, 100.0, 100.0, 100.0]), "b": torch.tensor([5.0, 5.0, 5.0]),
-              "c": torch.tensor([0.1, 0.2])}
+    scores = {
+        "a": torch.tensor([1.0, 100.0, 100.0, 100.0, 100.0]),
+        "b": torch.tensor([5.0, 5.0, 5.0]),
+        "c": torch.tensor([0.1, 0.2]),
+    }
     budgets = {"a": 3, "b": 1, "c": 1}
     keep = pu.select_global(scores, budgets)
     assert all(int(k.sum()) >= 1 for k in keep.values())
@@ -244,11 +267,11 @@ def test_remain_and_magnitude_scores_count_only_alive_weights():
     w = torch.full((3, 8), 100.0)  # dead weights are huge: they must not count
     m = torch.zeros(3, 8)
     m[0, :] = 1
-    w[0, :] = -0.5                      # 8 alive, magnitude 4.0
+    w[0, :] = -0.5  # 8 alive, magnitude 4.0
     m[1, [1, 4, 6]] = 1
-    w[1, [1, 4, 6]] = 2.0               # 3 alive, magnitude 6.0
+    w[1, [1, 4, 6]] = 2.0  # 3 alive, magnitude 6.0
     m[2, :5] = 1
-    w[2, :5] = 0.1                      # 5 alive, magnitude 0.5
+    w[2, :5] = 0.1  # 5 alive, magnitude 0.5
     with torch.no_grad():
         model.conv.weight.copy_(w.view(3, 2, 2, 2))
     weights, masks = pu.prunable_weights(model), {"conv": m.view(3, 2, 2, 2)}
@@ -310,6 +333,7 @@ def test_activation_stats_score_each_resnet_layer_with_its_own_output():
             abs_sum[name] = abs_sum.get(name, 0) + a.abs().sum(1)
             sq_sum[name] = sq_sum.get(name, 0) + a.pow(2).sum(1)
             counts[name] = counts.get(name, 0) + a.shape[1]
+
         return hook
 
     for g in groups:
@@ -337,8 +361,7 @@ def test_activation_stats_score_each_resnet_layer_with_its_own_output():
 def test_collect_activation_stats_restores_mode_and_clears_grads():
     model = tiny_resnet()
     model.train()
-    stats = pu.collect_activation_stats(model, pu.channel_groups(model), random_batches(1), "cpu",
-                                        with_saliency=True)
+    stats = pu.collect_activation_stats(model, pu.channel_groups(model), random_batches(1), "cpu", with_saliency=True)
     assert model.training
     assert all(p.grad is None for p in model.parameters())
     for st in stats.values():
@@ -487,7 +510,7 @@ def head_slices(model, r: pu.Masks, block: int) -> list[torch.Tensor]:
     c, hd = qkv.shape[1], layout.head_dim
     out = []
     for h in range(layout.num_heads):
-        parts = [qkv[t * c + h * hd:t * c + (h + 1) * hd] for t in range(3)] + [proj[:, h * hd:(h + 1) * hd]]
+        parts = [qkv[t * c + h * hd : t * c + (h + 1) * hd] for t in range(3)] + [proj[:, h * hd : (h + 1) * hd]]
         out.append(torch.cat([p.flatten() for p in parts]))
     return out
 
@@ -509,8 +532,11 @@ def test_vit_activation_stats_use_proj_input_heads_and_fc2_input_neurons(vit_cas
     seen, handles = {}, []
     for b in model.blocks_layout():
         for name in (b.proj, b.fc2):
-            handles.append(modules[name].register_forward_pre_hook(
-                lambda mod, args, name=name: seen.__setitem__(name, args[0].detach())))
+            handles.append(
+                modules[name].register_forward_pre_hook(
+                    lambda mod, args, name=name: seen.__setitem__(name, args[0].detach())
+                )
+            )
     model.eval()
     with torch.no_grad():
         model(random_batches(n=1, size=2)[0][0])
@@ -582,8 +608,10 @@ def test_vit_regroup_keeps_a_unit_of_each_kind_per_layer_at_low_density(vit_case
             n = int(pu.unit_alive(g, r).sum())
             assert n >= 1, g.layer
             kept += n
-            budget += min(pu.unit_budget(float(m[g.layer].float().mean()), g.num_units, 0.0),
-                          max(1, int(pu.unit_alive(g, m).sum())))
+            budget += min(
+                pu.unit_budget(float(m[g.layer].float().mean()), g.num_units, 0.0),
+                max(1, int(pu.unit_alive(g, m).sum())),
+            )
         assert kept == budget, kind
 
 

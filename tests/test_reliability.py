@@ -1,6 +1,7 @@
 """Never lose a run, part 2: the save-dir lock, kills at the state end and at random moments, a
 full disk, damaged run files, first-epoch kills, the exact resume command, and every bad value
 from the command line or a --config file (one line, exit 2)."""
+
 import csv
 import os
 import shlex
@@ -18,11 +19,40 @@ import imp_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-SMALL = ["--dataset", "synthetic", "--synthetic_size", "64", "--batch_size", "32", "--wandb", "disabled",
-         "--device", "cpu", "--threads", "1"]
+SMALL = [
+    "--dataset",
+    "synthetic",
+    "--synthetic_size",
+    "64",
+    "--batch_size",
+    "32",
+    "--wandb",
+    "disabled",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
 CNN = ["--arch", "res20s", "--struct", "rsst", "--pruning_times", "2", "--epochs", "2"]
-VIT = ["--arch", "vit_tiny", "--struct", "rsst", "--vit_structured", "--vit_prune_target", "both", "--rate", "0.3",
-       "--pruning_times", "2", "--epochs", "2", "--synthetic_size", "32", "--batch_size", "16"]
+VIT = [
+    "--arch",
+    "vit_tiny",
+    "--struct",
+    "rsst",
+    "--vit_structured",
+    "--vit_prune_target",
+    "both",
+    "--rate",
+    "0.3",
+    "--pruning_times",
+    "2",
+    "--epochs",
+    "2",
+    "--synthetic_size",
+    "32",
+    "--batch_size",
+    "16",
+]
 
 
 CNN_RM = [*CNN, "--synthetic_size", "64"]  # run_main's defaults differ from SMALL's data size
@@ -56,6 +86,7 @@ def assert_same_run(a, b, states=2):
 def reference(tmp_path_factory):
     """Uninterrupted in-process runs, once per module: name -> save dir."""
     from main_imp_fillback import main
+
     out = {}
     for name, flags in (("cnn", CNN), ("cnn3", CNN[:-3] + ["3", "--epochs", "1"])):
         d = tmp_path_factory.mktemp(name)
@@ -67,8 +98,17 @@ def reference(tmp_path_factory):
 # ----------------------------------------------------------------------------- lock
 def test_two_runs_on_one_save_dir_one_exits_2_the_other_is_intact(tmp_path):
     d = tmp_path / "shared"
-    procs = [subprocess.Popen(cli(*CNN, "--seed", str(seed), save_dir=d), cwd=ROOT, env=ENV, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for seed in (1, 2)]
+    procs = [
+        subprocess.Popen(
+            cli(*CNN, "--seed", str(seed), save_dir=d),
+            cwd=ROOT,
+            env=ENV,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for seed in (1, 2)
+    ]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     codes = sorted(rc for rc, _ in results)
     assert codes == [0, 2], results
@@ -104,13 +144,16 @@ def _kill_at(monkeypatch, method: str, state: int):
         if s == state:
             raise Killed
         return real(self, s, *a, **kw)
+
     monkeypatch.setattr(imp_loop.IMPRun, method, dying)
 
 
-@pytest.mark.parametrize("method", ["finish_state", "_write_reports"],
-                         ids=["between-last-epoch-and-pointer", "after-last-pointer"])
-def test_kill_at_the_last_state_end_then_resume_gives_the_full_summary(run_main, reference, monkeypatch, tmp_path,
-                                                                       method):
+@pytest.mark.parametrize(
+    "method", ["finish_state", "_write_reports"], ids=["between-last-epoch-and-pointer", "after-last-pointer"]
+)
+def test_kill_at_the_last_state_end_then_resume_gives_the_full_summary(
+    run_main, reference, monkeypatch, tmp_path, method
+):
     _kill_at(monkeypatch, method, 1)
     with pytest.raises(Killed):
         run_main(*CNN_RM, save_dir=tmp_path / "r")
@@ -137,6 +180,7 @@ def test_resume_of_a_finished_run_says_so(reference, tmp_path, capsys):
     import shutil
 
     from main_imp_fillback import main
+
     d = shutil.copytree(reference["cnn"], tmp_path / "copy")
     os.remove(d / "summary.csv")
     assert main(["--resume", "--save_dir", str(d), "--device", "cpu"]) == 0
@@ -145,10 +189,14 @@ def test_resume_of_a_finished_run_says_so(reference, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------- full disk
-@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc] unexpected pos 4160"),
-                                   OSError(28, "No space left on device")], ids=["torch-runtime", "oserror"])
-def test_full_disk_exits_1_leaves_no_partial_file_and_resumes_exactly(run_main, reference, monkeypatch, tmp_path,
-                                                                      error):
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("[enforce fail at inline_container.cc] unexpected pos 4160"), OSError(28, "No space left on device")],
+    ids=["torch-runtime", "oserror"],
+)
+def test_full_disk_exits_1_leaves_no_partial_file_and_resumes_exactly(
+    run_main, reference, monkeypatch, tmp_path, error
+):
     real, calls = torch.save, {"latest": 0}
 
     def full_disk(obj, f, *a, **kw):
@@ -158,6 +206,7 @@ def test_full_disk_exits_1_leaves_no_partial_file_and_resumes_exactly(run_main, 
                 f.write(b"partial")
                 raise error
         return real(obj, f, *a, **kw)
+
     monkeypatch.setattr(torch, "save", full_disk)
     rc, d, err = run_main(*CNN_RM, save_dir=tmp_path / "r")
     monkeypatch.undo()
@@ -172,6 +221,7 @@ def test_full_disk_exits_1_leaves_no_partial_file_and_resumes_exactly(run_main, 
 def test_args_yaml_on_a_full_disk_exits_1_and_leaves_no_stuck_dir(run_main, monkeypatch, tmp_path):
     def full(*a, **kw):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(yaml, "safe_dump", full)
     rc, d, err = run_main(*CNN, save_dir=tmp_path / "new")
     assert rc == 1 and "args.yaml" in err and len(err.strip().splitlines()) == 1
@@ -197,6 +247,7 @@ def test_zeroed_state_checkpoint_with_good_latest_resumes(run_main, reference, m
 
 def test_readers_skip_unreadable_files_with_a_warning(tmp_path, capsys):
     from mask_plots import load_state_masks
+
     (tmp_path / "0checkpoint.pth.tar").write_bytes(b"\0" * 64)
     (tmp_path / "best_checkpoint.pth.tar").write_bytes(b"x")
     assert load_state_masks(str(tmp_path)) == []
@@ -220,25 +271,34 @@ def test_kill_in_the_first_epoch_resume_starts_over(run_main, reference, monkeyp
 
 def test_resume_from_a_checkpoint_into_another_folder(run_main, reference, tmp_path):
     import shutil
+
     ck = os.path.join(reference["cnn"], "0checkpoint.pth.tar")
-    rc, d, err = run_main("--resume", "--checkpoint", ck, "--device", "cpu", save_dir=tmp_path / "elsewhere",
-                          small=False)
+    rc, d, err = run_main(
+        "--resume", "--checkpoint", ck, "--device", "cpu", save_dir=tmp_path / "elsewhere", small=False
+    )
     assert rc == 0, err  # the initial weights come from beside the checkpoint
     init = lambda p: torch.load(os.path.join(p, "init.pth.tar"), weights_only=True)["state_dict"]
     assert all(torch.equal(v, init(reference["cnn"])[k]) for k, v in init(d).items())
     lone = tmp_path / "lone"
     lone.mkdir()
     shutil.copy(ck, lone / "0checkpoint.pth.tar")
-    rc, _, err = run_main("--resume", "--checkpoint", str(lone / "0checkpoint.pth.tar"), save_dir=tmp_path / "x",
-                          small=False)
+    rc, _, err = run_main(
+        "--resume", "--checkpoint", str(lone / "0checkpoint.pth.tar"), save_dir=tmp_path / "x", small=False
+    )
     assert rc == 2 and "initial weights" in err and len(err.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------- resume command
 def test_printed_resume_command_is_exact_and_runs(tmp_path):
     d = tmp_path / "a dir with spaces"
-    p = subprocess.Popen(cli(*CNN, "--exp_name", "name with spaces", save_dir=d), cwd=ROOT, env=ENV, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        cli(*CNN, "--exp_name", "name with spaces", save_dir=d),
+        cwd=ROOT,
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 300
     while not os.path.exists(d / "0model_SA_best.pth.tar") and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -255,8 +315,13 @@ def test_printed_resume_command_is_exact_and_runs(tmp_path):
 # Five SIGKILLs in a row on one run, each at a later moment (after a file appears, plus a delay),
 # each followed by --resume: startup, mid-epoch, right after a state's reports, after the RSST
 # removal, between a state checkpoint and its reports. Then the run must equal an uninterrupted one.
-KILLS = (("args.yaml", 0.6), ("0model_SA_best.pth.tar", 0.2), ("0_curves.png", 0.0),
-         ("1model_SA_best.pth.tar", 0.1), ("1checkpoint.pth.tar", 0.0))
+KILLS = (
+    ("args.yaml", 0.6),
+    ("0model_SA_best.pth.tar", 0.2),
+    ("0_curves.png", 0.0),
+    ("1model_SA_best.pth.tar", 0.1),
+    ("1checkpoint.pth.tar", 0.0),
+)
 
 
 def _start(cmd):
@@ -267,8 +332,19 @@ def _start(cmd):
 def test_sigkill_at_ten_moments_then_resume_is_identical(tmp_path, flags):
     full, d = tmp_path / "full", tmp_path / "cut"
     assert subprocess.run(cli(*flags, save_dir=full), cwd=ROOT, env=ENV, capture_output=True).returncode == 0
-    resume = [sys.executable, os.path.join(ROOT, "main_imp_fillback.py"), "--resume", "--save_dir", str(d),
-              "--device", "cpu", "--threads", "1", "--wandb", "disabled"]
+    resume = [
+        sys.executable,
+        os.path.join(ROOT, "main_imp_fillback.py"),
+        "--resume",
+        "--save_dir",
+        str(d),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--wandb",
+        "disabled",
+    ]
     killed = 0
     for i, (marker, delay) in enumerate(KILLS):
         p = _start(cli(*flags, save_dir=d) if i == 0 else resume)
@@ -287,9 +363,15 @@ def test_sigkill_at_ten_moments_then_resume_is_identical(tmp_path, flags):
 
 # ---------------------------------------------------------------- config and flags
 BAD_CONFIGS = [
-    ("struct: prune\n", "--struct"), ("criteria: random\n", "--criteria"), ("arch: foo\n", "--arch"),
-    ("rate: [1, 2]\n", "rate"), ("epochs: 2.5\n", "--epochs"), ("42\n", "mapping"),
-    ("seed: -1\n", "--seed"), ("warmup: .nan\n", "--warmup"), ("vit_structured: maybe\n", "vit_structured"),
+    ("struct: prune\n", "--struct"),
+    ("criteria: random\n", "--criteria"),
+    ("arch: foo\n", "--arch"),
+    ("rate: [1, 2]\n", "rate"),
+    ("epochs: 2.5\n", "--epochs"),
+    ("42\n", "mapping"),
+    ("seed: -1\n", "--seed"),
+    ("warmup: .nan\n", "--warmup"),
+    ("vit_structured: maybe\n", "vit_structured"),
 ]
 
 
@@ -304,13 +386,19 @@ def test_bad_config_values_exit_2_with_one_line(run_main, tmp_path, text, needle
 
 
 BAD_FLAGS = [
-    (["--seed", "99999999999999999999"], "--seed"), (["--warmup", "nan"], "--warmup"),
-    (["--momentum", "-1"], "--momentum"), (["--label_smoothing", "2"], "--label_smoothing"),
-    (["--synthetic_size", "100000000"], "--synthetic_size"), (["--weight_decay", "-1"], "--weight_decay"),
-    (["--decreasing_lr", "-1"], "--decreasing_lr"), (["--lr", "inf"], "--lr"), (["--reg_end", "0"], "--reg_end"),
-    (["--reg_target", "1"], "--reg_target"), (["--mixup", "-0.5"], "--mixup"),
-    (["--vit_prune_target", "mlp"], "--vit_prune_target"), (["--arch", "vit_tiny", "--vit_prune_target", "mlp"],
-                                                             "--vit_structured"),
+    (["--seed", "99999999999999999999"], "--seed"),
+    (["--warmup", "nan"], "--warmup"),
+    (["--momentum", "-1"], "--momentum"),
+    (["--label_smoothing", "2"], "--label_smoothing"),
+    (["--synthetic_size", "100000000"], "--synthetic_size"),
+    (["--weight_decay", "-1"], "--weight_decay"),
+    (["--decreasing_lr", "-1"], "--decreasing_lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--reg_end", "0"], "--reg_end"),
+    (["--reg_target", "1"], "--reg_target"),
+    (["--mixup", "-0.5"], "--mixup"),
+    (["--vit_prune_target", "mlp"], "--vit_prune_target"),
+    (["--arch", "vit_tiny", "--vit_prune_target", "mlp"], "--vit_structured"),
 ]
 
 
@@ -333,6 +421,7 @@ def test_resume_refuses_an_explicit_flag_that_differs_even_a_default(run_main, t
 
 def test_failed_data_load_leaves_no_save_dir(run_main, tmp_path, monkeypatch):
     import torchvision.datasets as tvd
+
     monkeypatch.setattr(tvd.CIFAR10, "download", lambda self: (_ for _ in ()).throw(OSError("offline")))
     rc, d, err = run_main("--dataset", "cifar10", "--data", str(tmp_path / "nodata"), small=False)
     assert rc == 2 and "--dataset digits" in err and len(err.strip().splitlines()) == 1
@@ -343,6 +432,7 @@ def test_failed_data_load_leaves_no_save_dir(run_main, tmp_path, monkeypatch):
 def test_export_and_compare_check_out_before_the_work(reference, tmp_path, capsys):
     import compare
     import export
+
     ck = os.path.join(reference["cnn"], "1checkpoint.pth.tar")
     for out in (str(tmp_path), str(tmp_path) + os.sep):
         assert export.main(["--checkpoint", ck, "--out", out]) == 2
@@ -362,6 +452,7 @@ def test_compare_tolerates_null_fields_and_refuses_a_string_state(reference, tmp
     import shutil
 
     import compare
+
     run = shutil.copytree(reference["cnn"], tmp_path / "run")
     with open(run / "summary.json") as f:
         rows = json.load(f)

@@ -1,6 +1,7 @@
 """Never lose a run: SIGTERM mid-state then --resume equals an uninterrupted run; unreadable
 checkpoints are skipped. (SIGKILL at ten moments for both families: tests/test_reliability.py;
 torchrun: tests/test_distributed.py.)"""
+
 import csv
 import os
 import signal
@@ -13,8 +14,20 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-SMALL = ["--dataset", "synthetic", "--synthetic_size", "96", "--batch_size", "32", "--wandb", "disabled",
-         "--device", "cpu", "--threads", "1"]
+SMALL = [
+    "--dataset",
+    "synthetic",
+    "--synthetic_size",
+    "96",
+    "--batch_size",
+    "32",
+    "--wandb",
+    "disabled",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
 RUN = ["--arch", "res20s", "--struct", "rsst", "--pruning_times", "3", "--epochs", "2"]
 
 
@@ -29,8 +42,9 @@ def run(*flags, save_dir):
 
 def start_and_signal(flags, save_dir, sig, marker="1model_SA_best.pth.tar"):
     """Start a run, send `sig` as soon as `marker` appears (mid state 1), wait for the exit."""
-    p = subprocess.Popen(cli(*flags, save_dir=save_dir), cwd=ROOT, env=ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        cli(*flags, save_dir=save_dir), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 300
     while not os.path.exists(os.path.join(save_dir, marker)) and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -41,8 +55,10 @@ def start_and_signal(flags, save_dir, sig, marker="1model_SA_best.pth.tar"):
 
 
 def final_state(save_dir, states=3):
-    cks = [torch.load(os.path.join(save_dir, f"{k}checkpoint.pth.tar"), map_location="cpu", weights_only=False)
-           for k in range(states)]
+    cks = [
+        torch.load(os.path.join(save_dir, f"{k}checkpoint.pth.tar"), map_location="cpu", weights_only=True)
+        for k in range(states)
+    ]
     with open(os.path.join(save_dir, "summary.csv")) as f:
         rows = [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
     return cks, rows

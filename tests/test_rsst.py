@@ -1,4 +1,5 @@
 """RSST: the lambda schedules and the decoupled growing penalty on P = M and not R."""
+
 from __future__ import annotations
 
 import math
@@ -16,11 +17,11 @@ def expected_lambda(t: int, total: int, g: float, schedule: str, n: float) -> fl
     u = (t + 1) / total
     f = {
         "x": u,
-        "x^2": u ** 2,
-        "x^3": u ** 3,
+        "x^2": u**2,
+        "x^3": u**3,
         "exp": (math.exp(u) - 1) / E1,
         "exp_custom": (math.exp(u) - 1) / E1,
-        "exp_custom_exponents": (math.exp(u ** n) - 1) / E1,
+        "exp_custom_exponents": (math.exp(u**n) - 1) / E1,
     }[schedule]
     return g * f
 
@@ -40,9 +41,14 @@ def test_reg_lambda_matches_formula_at_start_middle_end(schedule, g, total, n):
 
 @pytest.mark.parametrize("schedule", sorted(rsst.SCHEDULES))
 def test_reg_lambda_middle_is_f_of_one_half(schedule):
-    f_half = {"x": 0.5, "x^2": 0.25, "x^3": 0.125, "exp": (math.sqrt(math.e) - 1) / E1,
-              "exp_custom": (math.sqrt(math.e) - 1) / E1,
-              "exp_custom_exponents": (math.exp(0.5 ** 4) - 1) / E1}[schedule]
+    f_half = {
+        "x": 0.5,
+        "x^2": 0.25,
+        "x^3": 0.125,
+        "exp": (math.sqrt(math.e) - 1) / E1,
+        "exp_custom": (math.sqrt(math.e) - 1) / E1,
+        "exp_custom_exponents": (math.exp(0.5**4) - 1) / E1,
+    }[schedule]
     assert rsst.reg_lambda(499, 1000, 2.0, schedule, exponents=4) == pytest.approx(2.0 * f_half, rel=1e-12)
 
 
@@ -66,19 +72,23 @@ def test_reg_lambda_stays_at_g_past_the_last_step(schedule):
 # --------------------------------------------------------------------------- penalty
 def make_case(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    weights = {"a": torch.randn(8, 4, 3, 3, generator=g), "b": torch.randn(16, 8, generator=g),
-               "c": torch.randn(5, generator=g)}
-    penalty = {"a": (torch.rand(8, 4, 3, 3, generator=g) < 0.5).float(),
-               "b": (torch.rand(16, 8, generator=g) < 0.3).float(),
-               "c": torch.zeros(5)}
+    weights = {
+        "a": torch.randn(8, 4, 3, 3, generator=g),
+        "b": torch.randn(16, 8, generator=g),
+        "c": torch.randn(5, generator=g),
+    }
+    penalty = {
+        "a": (torch.rand(8, 4, 3, 3, generator=g) < 0.5).float(),
+        "b": (torch.rand(16, 8, generator=g) < 0.3).float(),
+        "c": torch.zeros(5),
+    }
     return weights, penalty
 
 
 def test_penalty_step_shrinks_only_penalized_weights():
     weights, penalty = make_case()
     lr0, g, total = 0.1, 2.0, 5
-    pen = rsst.RSSTPenalty(weights, penalty, lr0=lr0, strength=g, schedule="x", exponents=4,
-                           end_step=total)
+    pen = rsst.RSSTPenalty(weights, penalty, lr0=lr0, strength=g, schedule="x", exponents=4, end_step=total)
     assert pen.active
     for t in range(total):
         before = {n: w.clone() for n, w in weights.items()}
@@ -95,8 +105,9 @@ def test_penalty_step_shrinks_only_penalized_weights():
 def test_penalty_updates_the_weights_in_place():
     weights, penalty = make_case()
     param = torch.nn.Parameter(weights["a"].clone())
-    pen = rsst.RSSTPenalty({"a": param}, {"a": penalty["a"]}, lr0=0.5, strength=1.0, schedule="x^2",
-                           exponents=4, end_step=3)
+    pen = rsst.RSSTPenalty(
+        {"a": param}, {"a": penalty["a"]}, lr0=0.5, strength=1.0, schedule="x^2", exponents=4, end_step=3
+    )
     pen.step()
     pen.step()
     assert not torch.equal(param.detach(), weights["a"])
@@ -104,8 +115,7 @@ def test_penalty_updates_the_weights_in_place():
 
 def test_penalty_resumes_from_a_given_step():
     weights, penalty = make_case()
-    pen = rsst.RSSTPenalty(weights, penalty, lr0=0.1, strength=1.0, schedule="exp", exponents=4,
-                           end_step=100, step=40)
+    pen = rsst.RSSTPenalty(weights, penalty, lr0=0.1, strength=1.0, schedule="exp", exponents=4, end_step=100, step=40)
     assert pen.current_lambda() == rsst.reg_lambda(40, 100, 1.0, "exp")
     assert pen.step() == rsst.reg_lambda(40, 100, 1.0, "exp")
     assert pen.step_count == 41
@@ -114,8 +124,7 @@ def test_penalty_resumes_from_a_given_step():
 @pytest.mark.parametrize("schedule", sorted(rsst.SCHEDULES))
 def test_penalized_norm_falls_monotonically(schedule):
     weights, penalty = make_case(seed=1)
-    pen = rsst.RSSTPenalty(weights, penalty, lr0=0.1, strength=5.0, schedule=schedule, exponents=2,
-                           end_step=50)
+    pen = rsst.RSSTPenalty(weights, penalty, lr0=0.1, strength=5.0, schedule=schedule, exponents=2, end_step=50)
     expected_start = math.sqrt(sum(float((w * penalty[n]).pow(2).sum()) for n, w in weights.items()))
     norms = [pen.penalized_norm()]
     assert norms[0] == pytest.approx(expected_start, rel=1e-5)
@@ -129,8 +138,15 @@ def test_penalized_norm_falls_monotonically(schedule):
 def test_all_zero_penalty_mask_is_inactive():
     weights, _ = make_case()
     before = {n: w.clone() for n, w in weights.items()}
-    pen = rsst.RSSTPenalty(weights, {n: torch.zeros_like(w) for n, w in weights.items()}, lr0=0.1,
-                           strength=1.0, schedule="x", exponents=4, end_step=10)
+    pen = rsst.RSSTPenalty(
+        weights,
+        {n: torch.zeros_like(w) for n, w in weights.items()},
+        lr0=0.1,
+        strength=1.0,
+        schedule="x",
+        exponents=4,
+        end_step=10,
+    )
     assert not pen.active
     assert pen.penalized_norm() == 0.0
     for _ in range(3):
@@ -165,7 +181,9 @@ def test_norm_penalty_targets_bn_of_dropped_channels_and_remove_zeroes_them():
     norm_before = pen.penalized_norm()
     assert norm_before == pytest.approx(float(weights[g.layer][1].detach().norm()))  # BN not counted in P's norm
     pen.remove()
-    assert float(bn.weight[1].detach()) == 0.0 and float(bn.bias[1].detach()) == 0.0 and float(bn.bias[0].detach()) == 0.5
+    assert (
+        float(bn.weight[1].detach()) == 0.0 and float(bn.bias[1].detach()) == 0.0 and float(bn.bias[0].detach()) == 0.5
+    )
     assert float(weights[g.layer][1].detach().abs().sum()) == 0.0
 
 
@@ -214,8 +232,9 @@ def test_penalty_does_nothing_after_its_end_step():
     assert pen.last_lambda == 1.0  # the peak reached, kept for the summary's final_lambda
 
 
-@pytest.mark.parametrize("reg_end, total, expected_end", [(0.5, 240, 120), (0.3, 10, 3), (0.7, 101, 71), (0.01, 20, 1),
-                                                          (1.0, 7, 7)])
+@pytest.mark.parametrize(
+    "reg_end, total, expected_end", [(0.5, 240, 120), (0.3, 10, 3), (0.7, 101, 71), (0.01, 20, 1), (1.0, 7, 7)]
+)
 def test_plan_removes_at_reg_end_of_the_state(reg_end, total, expected_end):
     plan = rsst.plan_penalty("calibrated", total, 0.1, 1.0, "exp_custom_exponents", 4, 1e-3, reg_end)
     assert plan.end_step == expected_end
@@ -343,10 +362,9 @@ def test_scaled_updates_beat_a_real_adamw_that_pushes_back():
         opt = torch.optim.AdamW([w], lr=1e-3, weight_decay=0.05)
         end = 400
         g = rsst.calibrate_strength(end, 1e-3, 1e-3, "exp_custom_exponents", 4)
-        pen = rsst.RSSTPenalty({"w": w}, {"w": penalty}, 1e-3, g, "exp_custom_exponents", 4, end,
-                               scale_updates=scaled)
+        pen = rsst.RSSTPenalty({"w": w}, {"w": penalty}, 1e-3, g, "exp_custom_exponents", 4, end, scale_updates=scaled)
         start = pen.penalized_norm()
-        for t in range(end):
+        for _ in range(end):
             i = torch.randint(0, 256, (32,))
             loss = ((x[i] @ w.t() - y[i]) ** 2).mean()
             opt.zero_grad()

@@ -1,6 +1,7 @@
 """Run files are read safely: every checkpoint loads with weights_only=True (a file carrying pickled
 code is refused with one line, exit 2, and nothing runs), RNG states are plain data, and a damaged
 state checkpoint in a finished run is skipped with one warning by every report path."""
+
 import csv
 import os
 import random
@@ -30,9 +31,23 @@ class Payload:
 def finished(tmp_path_factory):
     """A finished 2-state res20s run (in-process, once per module)."""
     from main_imp_fillback import main
+
     d = tmp_path_factory.mktemp("finished")
-    argv = ["--dataset", "synthetic", "--synthetic_size", "64", "--batch_size", "32", "--device", "cpu",
-            "--wandb", "disabled", *RUN, "--save_dir", str(d)]
+    argv = [
+        "--dataset",
+        "synthetic",
+        "--synthetic_size",
+        "64",
+        "--batch_size",
+        "32",
+        "--device",
+        "cpu",
+        "--wandb",
+        "disabled",
+        *RUN,
+        "--save_dir",
+        str(d),
+    ]
     assert main(argv) == 0
     return d
 
@@ -76,13 +91,21 @@ def test_resume_refuses_a_latest_checkpoint_with_pickled_code(finished, run_main
     assert "latest.pth.tar" in lines[0] and "Traceback" not in err
     assert not marker.exists() and sorted(os.listdir(d)) == before  # nothing ran, nothing written
 
-    rc, _, err = run_main("--resume", "--checkpoint", str(d / "latest.pth.tar"), "--device", "cpu",
-                          save_dir=tmp_path / "elsewhere", small=False)
+    rc, _, err = run_main(
+        "--resume",
+        "--checkpoint",
+        str(d / "latest.pth.tar"),
+        "--device",
+        "cpu",
+        save_dir=tmp_path / "elsewhere",
+        small=False,
+    )
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "pickled code" in err and not marker.exists()
 
 
 def test_compare_and_export_refuse_a_state_checkpoint_with_pickled_code(finished, tmp_path, capsys):
     import export
+
     d = shutil.copytree(finished, tmp_path / "run")
     marker = tmp_path / "code_ran"
     ck = torch.load(d / "0checkpoint.pth.tar", weights_only=True)
@@ -93,8 +116,7 @@ def test_compare_and_export_refuse_a_state_checkpoint_with_pickled_code(finished
     assert len(lines) == 2 and all("pickled code" in line for line in lines) and not marker.exists()
 
 
-def test_damaged_state_checkpoint_in_a_finished_run_is_skipped_by_every_report(finished, run_main, tmp_path,
-                                                                               capsys):
+def test_damaged_state_checkpoint_in_a_finished_run_is_skipped_by_every_report(finished, run_main, tmp_path, capsys):
     d = shutil.copytree(finished, tmp_path / "run")
     (d / "0checkpoint.pth.tar").write_bytes(b"\0" * 1000)
     (d / "best_checkpoint.pth.tar").write_bytes(b"")

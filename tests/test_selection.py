@@ -1,4 +1,5 @@
 """The fast exact selection behind global magnitude pruning, at sizes where it takes effect."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,9 +16,12 @@ def reference_prune(weights: dict, alive: dict, keep: int) -> dict:
     live = torch.cat([a.flatten() for a in alive.values()]) > 0
     order = torch.argsort(torch.where(live, mag, -1.0), descending=True, stable=True)
     flat = torch.zeros(mag.numel())
-    flat[order[:min(keep, int(live.sum()))]] = 1.0
-    return dict(zip(weights, (p.view_as(w) for p, w in zip(flat.split([w.numel() for w in weights.values()]),
-                                                               weights.values()))))
+    flat[order[: min(keep, int(live.sum()))]] = 1.0
+    return dict(
+        zip(
+            weights, (p.view_as(w) for p, w in zip(flat.split([w.numel() for w in weights.values()]), weights.values()))
+        )
+    )
 
 
 @pytest.mark.parametrize("quantized", [False, True])
@@ -41,14 +45,16 @@ def test_global_prune_matches_the_reference_for_any_budget_and_data(kind, keep):
     """Exact top-`keep` by |w| among the alive weights, ties to the lower flat index, whether the
     sampled bracket holds the threshold or misses it (then the exact fallback runs)."""
     g = torch.Generator().manual_seed(keep)
-    values = {"normal": torch.randn(N, generator=g),
-              "ties": torch.randint(0, 7, (N,), generator=g).float(),
-              "sorted": torch.linspace(-1, 1, N),
-              "sample_misses": torch.randn(N, generator=g),
-              "dead_nonzero": torch.randn(N, generator=g) * 10}[kind]
+    values = {
+        "normal": torch.randn(N, generator=g),
+        "ties": torch.randint(0, 7, (N,), generator=g).float(),
+        "sorted": torch.linspace(-1, 1, N),
+        "sample_misses": torch.randn(N, generator=g),
+        "dead_nonzero": torch.randn(N, generator=g) * 10,
+    }[kind]
     if kind == "sample_misses":  # every sampled entry is an outlier: the bracket misses
-        values[::N // 65536] = 100.0
-    weights = {"a": values[: N // 3].view(-1, 100), "b": values[N // 3:].clone()}
+        values[:: N // 65536] = 100.0
+    weights = {"a": values[: N // 3].view(-1, 100), "b": values[N // 3 :].clone()}
     alive = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
     if kind == "dead_nonzero":  # dead weights keep large values: they must never be chosen
         alive = {n: torch.rand(w.shape, generator=g) < 0.7 for n, w in weights.items()}

@@ -2,6 +2,7 @@
 rank at the same step with exit code 128 + that signal and no traceback; the checkpoint keeps each
 rank's RNG streams; the printed resume command repeats the launcher and, run as printed, continues
 the run bit-identically to an uninterrupted one (ViT with drop path and mixup, and a CNN)."""
+
 import glob
 import os
 import re
@@ -18,11 +19,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 # 320 images at a global batch of 8: 40 steps per epoch, so the ranks' stop check (every 20 steps,
 # imp_loop.STOP_CHECK_EVERY) falls at step 20 of state 1's only epoch: mid-epoch
-SMALL = ["--dataset", "synthetic", "--synthetic_size", "320", "--batch_size", "8", "--wandb", "disabled",
-         "--device", "cpu", "--threads", "1", "--pruning_times", "2", "--epochs", "1"]
+SMALL = [
+    "--dataset",
+    "synthetic",
+    "--synthetic_size",
+    "320",
+    "--batch_size",
+    "8",
+    "--wandb",
+    "disabled",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--pruning_times",
+    "2",
+    "--epochs",
+    "1",
+]
 RUNS = {  # arch flags, the rank that gets the signal
-    "vit_tiny": (["--arch", "vit_tiny", "--struct", "rsst", "--vit_structured", "--vit_prune_target", "both",
-                  "--rate", "0.3"], 1),  # the ViT recipe: drop path 0.1, mixup 0.8, cutmix 1.0
+    "vit_tiny": (
+        ["--arch", "vit_tiny", "--struct", "rsst", "--vit_structured", "--vit_prune_target", "both", "--rate", "0.3"],
+        1,
+    ),  # the ViT recipe: drop path 0.1, mixup 0.8, cutmix 1.0
     "res20s": (["--arch", "res20s", "--struct", "rsst"], 0),
 }
 
@@ -30,10 +49,22 @@ RUNS = {  # arch flags, the rank that gets the signal
 def torchrun(flags, save_dir, log_dir=None, wait=True):
     """torchrun with 2 processes; with `log_dir` each rank's stdout/stderr go to their own files."""
     logs = ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir else []
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *logs,
-           os.path.join(ROOT, "main_imp_fillback.py"), *flags, *SMALL, "--save_dir", str(save_dir)]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *logs,
+        os.path.join(ROOT, "main_imp_fillback.py"),
+        *flags,
+        *SMALL,
+        "--save_dir",
+        str(save_dir),
+    ]
+    p = subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     return p.communicate(timeout=900) + (p.returncode,) if wait else p
 
 
@@ -110,11 +141,15 @@ def test_resume_command_repeats_the_launcher_with_the_process_count(monkeypatch)
     import argparse
 
     from main_imp_fillback import resume_command
+
     args = argparse.Namespace(save_dir="/runs/r", threads=1, wandb="disabled", device="cpu")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert shlex.split(resume_command(args))[:3] == [sys.executable, os.path.join(ROOT, "main_imp_fillback.py"),
-                                                     "--resume"]
+    assert shlex.split(resume_command(args))[:3] == [
+        sys.executable,
+        os.path.join(ROOT, "main_imp_fillback.py"),
+        "--resume",
+    ]
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     cmd = shlex.split(resume_command(args))
