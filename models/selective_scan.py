@@ -4,12 +4,12 @@ For every channel d and state n (A[d, n] < 0):
 
     h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,        y_t = C_t . h_t + D u_t     (h_0 = 0)
 
-`selective_scan` splits the L tokens into chunks of `chunk` tokens. Inside a chunk a doubling
-(Hillis-Steele) scan combines (log decay, state) pairs in log2(chunk) vectorized steps: the log
-decays dt*A are summed in log space and only exponentiated as sums over past tokens (always
-<= 0, so nothing overflows however large dt grows). Across chunks a short loop carries the last
-state: h_t += exp(sum of log decays since the chunk start) * h_carry. Work is O(L log chunk), and
-memory is bounded by the chunk: with `checkpoint=True` each chunk's intermediates are recomputed
+`selective_scan` splits the L tokens into chunks of `chunk` tokens. Inside a chunk the log
+decays dt*A are summed in log space (S_t = cumulative sum, <= 0) and the states come from two
+cumulative sums, h_t = exp(S_t) (h_0 + sum_{s<=t} exp(-S_s) dt_s B_s u_s), with no loop over tokens;
+a chunk whose decay spans more than LOG_SPAN (where exp(-S) could overflow: large dt) is split in
+two halves, recursively, so any dt is exact. Across chunks a short loop carries the last state.
+Memory is bounded by the chunk: with `checkpoint=True` each chunk's intermediates are recomputed
 in the backward pass instead of stored. The scan runs in fp32 (fp64 for fp64 inputs) whatever
 the input dtype, as the fused kernel does, and returns the input dtype.
 
@@ -72,17 +72,25 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return _finish(torch.stack(ys, 1), u, D, z, dtype)
 
 
+LOG_SPAN = 60.0  # a chunk whose log decay spans more is split: exp(60) ~ 1e26 stays far from fp32's 3e38
+
+
+def _states(log_a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """States h_t (b, T, d, n) of one chunk from log decays and inputs (b, T, d, n) and h0 (b, d, n)."""
+    if log_a.shape[1] == 1:
+        return torch.exp(log_a) * h0[:, None] + x
+    S = torch.cumsum(log_a, 1)  # <= 0, decreasing along the chunk
+    if float(S[:, -1].detach().min()) < -LOG_SPAN:  # exp(-S) could overflow: two halves, carried
+        half = log_a.shape[1] // 2
+        first = _states(log_a[:, :half], x[:, :half], h0)
+        return torch.cat([first, _states(log_a[:, half:], x[:, half:], first[:, -1])], 1)
+    return torch.exp(S) * (torch.cumsum(torch.exp(-S) * x, 1) + h0[:, None])
+
+
 def _scan_chunk(dt, u, A, B, C, h0):
     """One chunk. dt, u: (b, T, d); A: (d, n); B, C: (b, T, n); h0: (b, d, n).
     Returns (y (b, T, d), the last state)."""
-    log_a = dt[..., None] * A  # (b, T, d, n), <= 0
-    x = (dt * u)[..., None] * B[:, :, None, :]
-    T, off = x.shape[1], 1
-    while off < T:  # doubling: x_t += exp(a over (t-off, t]) x_{t-off}; a_t += a_{t-off}
-        x = torch.cat([x[:, :off], x[:, off:] + torch.exp(log_a[:, off:]) * x[:, :-off]], 1)
-        log_a = torch.cat([log_a[:, :off], log_a[:, off:] + log_a[:, :-off]], 1)
-        off *= 2
-    h = x + torch.exp(log_a) * h0[:, None]  # log_a is now the sum since the chunk start
+    h = _states(dt[..., None] * A, (dt * u)[..., None] * B[:, :, None, :], h0)
     return torch.einsum("btdn,btn->btd", h, C), h[:, -1]
 
 

@@ -61,8 +61,21 @@ def test_chunked_scan_matches_reference_fp32(kw):
         assert rel(a, b) <= 1e-5
 
 
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_chunked_scan_matches_reference_without_splits(chunk):
+    """Small dt (as at init): every chunk takes the two-cumsum path, none is split."""
+    ins = scan_inputs()
+    with torch.no_grad():
+        ins[7].fill_(-4.0)  # dt ~ softplus(-4 + N(0, 1)) ~ 0.02
+    y_ref, g_ref = run_scan(selective_scan_ref, ins)
+    y, g = run_scan(selective_scan, ins, chunk=chunk)
+    assert rel(y, y_ref) <= 1e-5
+    for a, b in zip(g, g_ref):
+        assert rel(a, b) <= 1e-5
+
+
 def test_chunked_scan_is_stable_for_large_dt():
-    """log decays are only summed, never exponentiated with a positive sign: no overflow."""
+    """Chunks whose log decay spans more than LOG_SPAN are split: no overflow, still exact."""
     ins = scan_inputs()
     with torch.no_grad():
         ins[7].fill_(30.0)  # dt ~ 30 per token, |A| up to 4.5: a chunk sums to thousands
