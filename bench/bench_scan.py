@@ -16,10 +16,11 @@ import sys
 import torch
 from timm.models.vision_transformer import Block
 
+from common import apply_threads, bench_parser, median_seconds, record
+
+# isort: split
 from models import create_model  # noqa: E402  (common puts the repository root on sys.path)
 from models.selective_scan import selective_scan, selective_scan_ref  # noqa: E402
-
-from common import apply_threads, bench_parser, median_seconds, record
 
 
 def scan_inputs(b: int, L: int, d: int = 192, n: int = 8) -> list[torch.Tensor]:
