@@ -263,6 +263,28 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--decreasing_lr {a.decreasing_lr}: use comma-separated epochs > 0, e.g. 40,60")
 
 
+def check_batch(args: argparse.Namespace, world: int) -> None:
+    """The global batch splits evenly over the ranks, and mixup/cutmix (which pair images within
+    a rank's batch) get an even per-rank batch; one line naming the fix otherwise."""
+    if args.batch_size % world:
+        lower, upper = args.batch_size // world * world, -(-args.batch_size // world) * world
+        raise UsageError(
+            f"--batch_size {args.batch_size}: the global batch must split evenly over the {world} processes "
+            f"(use {max(lower, world)} or {upper})",
+            every_rank=True,
+        )
+    per_rank = args.batch_size // world
+    if per_rank % 2 and (args.mixup or args.cutmix):
+        on = " x ".join(f"--{k} {getattr(args, k):g}" for k in ("mixup", "cutmix") if getattr(args, k))
+        step = 2 * world
+        raise UsageError(
+            f"--batch_size {args.batch_size}: {per_rank} images per process is odd, and {on} pairs images "
+            f"within a process's batch: use a multiple of {step} (e.g. {args.batch_size // step * step or step} or "
+            f"{-(-args.batch_size // step) * step}), or --mixup 0 --cutmix 0",
+            every_rank=True,
+        )
+
+
 def resolve(args: argparse.Namespace) -> None:
     """Fill the per-family training recipe (README "Training recipes"), the run's name and dir."""
     from reporting import auto_run_name
@@ -313,6 +335,12 @@ def resume_command(args: argparse.Namespace) -> str:
 
 
 # ---------------------------------------------------------------------------- set-up
+def report_usage_error(e: UsageError, every_rank: bool = False) -> None:
+    """`error: ...` on stderr; under torchrun an error every rank finds is printed by rank 0 only."""
+    if int(os.environ.get("RANK", "0")) == 0 or not (every_rank or e.every_rank):
+        print(f"error: {e}", file=sys.stderr)
+
+
 def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
     """Everything after a valid command line; exit codes per CLI.md."""
     from checkpoints import (
@@ -340,6 +368,7 @@ def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
         run_dir = RunDir(args.save_dir, create=not args.resume or bool(args.checkpoint)) if rank == 0 else None
         resume_ck = open_run(args, given, RUNTIME_KEYS, rank)
         resolve(args)  # a resumed run: its saved config is already resolved
+        check_batch(args, int(os.environ.get("WORLD_SIZE", "1")))
         if resume_ck is None and rank == 0:  # first: from here on a killed run can be resumed
             write_yaml(
                 os.path.join(args.save_dir, "args.yaml"), {k: v for k, v in vars(args).items() if k not in RUNTIME_KEYS}
@@ -347,7 +376,7 @@ def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
         run = IMPRun(args, resume_ck, stop)
         run.run(resume_ck)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_usage_error(e)
         return 2
     except (NonFiniteLoss, SaveError) as e:
         print(f"error: {e}; run stopped. Last good checkpoint: {last_good_checkpoint(args.save_dir)}", file=sys.stderr)
@@ -378,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         validate(args)
         given = explicit_flags(argv)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_usage_error(e, every_rank=True)  # the same command line on every rank
         return 2
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (README "CPU threads")
     return run_setup_and_train(args, given)

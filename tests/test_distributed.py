@@ -208,3 +208,43 @@ def test_gpu_check_script_dry_run_passes():
     assert p.returncode == 0, p.stderr[-3000:]
     block = p.stdout[p.stdout.index("===== gpu_check") :]
     assert "pytest -m gpu: exit 0" in block and "images/s" in block and "compact" in block
+
+
+def test_batch_42_on_two_ranks_with_mixup_exits_2_one_line_from_rank_0(tmp_path):
+    """21 images per rank: mixup would be skipped on every step; refused before anything runs."""
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["--log-dir", str(logs), "--redirects", "3", os.path.join(ROOT, "main_imp_fillback.py")]
+    cmd += [*RUNS["vit_tiny"], *SMALL, "--batch_size", "42", "--save_dir", str(tmp_path / "run")]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    errs = {}
+    for rank in (0, 1):
+        (path,) = [os.path.join(r, "stderr.log") for r, _, fs in os.walk(logs) if r.endswith(f"/{rank}")]
+        errs[rank] = open(path).read()
+    lines = [line for line in errs[0].splitlines() if line.strip()]
+    assert len(lines) == 1 and "21 images per process is odd" in lines[0] and "multiple of 4" in lines[0], errs
+    assert errs[1].strip() == "" and not os.path.exists(tmp_path / "run")
+    codes = dict(re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*: (-?\d+)", p.stderr))
+    assert codes == {"0": "2", "1": "2"}, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "world, batch, mixup, fix",
+    [(1, 33, "0.8", "multiple of 2"), (2, 43, "0", "use 42 or 44"), (3, 128, "0", "use 126 or 129")],
+)
+def test_batch_rules_single_process_check(world, batch, mixup, fix):
+    import main_imp_fillback as mif
+
+    args = mif.parse_args(["--arch", "vit_tiny", "--batch_size", str(batch), "--mixup", mixup, "--cutmix", "0"])
+    with pytest.raises(mif.UsageError, match=fix) as e:
+        mif.check_batch(args, world)
+    assert e.value.every_rank and "\n" not in str(e.value)
+    args.batch_size = 4 * world
+    mif.check_batch(args, world)  # even per-rank batch: fine
+
+
+def test_odd_batch_with_mixup_single_process_exits_2(run_main):
+    rc, d, err = run_main("--arch", "vit_tiny", "--batch_size", "33")
+    assert rc == 2 and err.count("\n") == 1 and "33 images per process is odd" in err and "--mixup 0.8" in err
+    assert not os.path.exists(d)
