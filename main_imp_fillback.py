@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--amp",
         default="auto",
         choices=["auto", "bf16", "fp16", "off"],
-        help="CUDA mixed precision: auto = bf16 where supported, else fp16 with loss scaling",
+        help="CUDA mixed precision: auto = bf16 on GPUs that compute it natively (compute capability >= 8), "
+        "else fp16 with loss scaling",
     )
     g.add_argument(
         "--deterministic", action="store_true", help="deterministic GPU kernels (bit-exact GPU resume, slower)"

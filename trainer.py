@@ -134,16 +134,24 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, schedule, milestones))
 
 
+def native_bf16(device: torch.device) -> bool:
+    """True where `device` computes bf16 natively: a CUDA GPU of compute capability >= 8 (Ampere
+    on). `torch.cuda.is_bf16_supported()` also counts emulation (V100, T4), which is slow."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def amp_dtype(mode: str, device: torch.device, force_cpu: bool = False) -> torch.dtype | None:
-    """The autocast dtype of `--amp` on `device` (None: fp32). auto: bf16 where the GPU supports
-    it, else fp16 (with loss scaling: see `grad_scaler`); on the CPU fp32, or bf16 when the GPU
+    """The autocast dtype of `--amp` on `device` (None: fp32). auto: bf16 where the GPU computes
+    it natively (`native_bf16`), else fp16 (with loss scaling: see `grad_scaler`); on the CPU fp32, or bf16 when the GPU
     code paths are forced (tests)."""
     if mode == "off":
         return None
     if device.type != "cuda":
         return torch.bfloat16 if force_cpu else None
     if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 

@@ -248,3 +248,23 @@ def test_odd_batch_with_mixup_single_process_exits_2(run_main):
     rc, d, err = run_main("--arch", "vit_tiny", "--batch_size", "33")
     assert rc == 2 and err.count("\n") == 1 and "33 images per process is odd" in err and "--mixup 0.8" in err
     assert not os.path.exists(d)
+
+
+@pytest.mark.parametrize(
+    "capability, expected",
+    [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+)
+def test_amp_auto_is_bf16_only_where_native(monkeypatch, capability, expected):
+    """V100 (7.0) and T4 (7.5) emulate bf16 (is_bf16_supported says True): auto picks fp16 + scaling there."""
+    import trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    dev = torch.device("cuda", 0)
+    assert trainer.native_bf16(dev) == (expected == torch.bfloat16)
+    assert trainer.amp_dtype("auto", dev) == expected
+    assert trainer.amp_dtype("bf16", dev) == torch.bfloat16 and trainer.amp_dtype("off", dev) is None
+    assert not trainer.native_bf16(torch.device("cpu")) and trainer.amp_dtype("auto", torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not trainer.native_bf16(dev)
