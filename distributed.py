@@ -55,7 +55,10 @@ def select_device(device: str, d: Dist, deterministic: bool = False) -> torch.de
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and d.enabled:
         return torch.device("cuda", d.local_rank)
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None:  # cuda:N: N is also the current device (libraries, caches)
+        torch.cuda.set_device(dev)
+    return dev
 
 
 def wrap_for_training(model: torch.nn.Module, d: Dist, device: torch.device, compile: bool) -> torch.nn.Module:
@@ -69,6 +72,17 @@ def wrap_for_training(model: torch.nn.Module, d: Dist, device: torch.device, com
     if compile:
         net = torch.compile(net, backend=os.environ.get("RSST_COMPILE_BACKEND", "inductor"))
     return net
+
+
+def from_main(obj, device: str):
+    """Rank 0's `obj` (picklable) on every rank, joining the process group first (the run's name
+    and folder, whose timestamp each process takes itself); `obj` itself on one process."""
+    d = init_distributed(device)
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -127,6 +141,7 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def shutdown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
+def shutdown(d: Dist | None = None) -> None:
+    """Leave the process group (`d` None: whichever this process joined)."""
+    if (d is None or d.enabled) and dist.is_initialized():
         dist.destroy_process_group()

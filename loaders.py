@@ -52,10 +52,17 @@ class ShardSampler(Sampler[int]):
 
 
 def make_loader(
-    ds: Dataset, batch_size: int, workers: int, sampler: Sampler | None = None, drop_last: bool = False
+    ds: Dataset,
+    batch_size: int,
+    workers: int,
+    sampler: Sampler | None = None,
+    drop_last: bool = False,
+    persistent: bool = False,
 ) -> DataLoader:
-    """A DataLoader in `sampler` order (sequential without one). Workers persist across epochs:
-    our datasets read the epoch seed from shared memory (dataset.SeededTransforms)."""
+    """A DataLoader in `sampler` order (sequential without one). `persistent`: workers live across
+    epochs (the training loader: our datasets read the epoch seed from shared memory, see
+    dataset.SeededTransforms); evaluation loaders' workers end after each pass, so they hold no
+    memory or processes during training."""
     return DataLoader(
         ds,
         batch_size=batch_size,
@@ -63,7 +70,7 @@ def make_loader(
         num_workers=workers,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
+        persistent_workers=persistent and workers > 0,
     )
 
 
@@ -171,7 +178,7 @@ def build_loaders(
             DeviceLoader(data.test, plain, eval_batch_size, device, shard(data.test)),
         )
     return (
-        make_loader(data.train, batch_size, workers, sampler, drop_last),
+        make_loader(data.train, batch_size, workers, sampler, drop_last, persistent=True),
         make_loader(data.val, eval_batch_size, workers, shard(data.val)),
         make_loader(data.test, eval_batch_size, workers, shard(data.test)),
     )

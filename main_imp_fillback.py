@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default="data", help="dataset root (CIFAR is downloaded here when reachable)")
     g.add_argument("--batch_size", type=int, default=128, help="batch size (global, split over ranks)")
     g.add_argument(
-        "--workers", type=int, default=None, help="loader workers (default: 0 for in-memory data, else min(4, cpus))"
+        "--workers",
+        type=int,
+        default=None,
+        help="loader workers per process (default: 0 for in-memory data; image folders: this process's CPUs "
+        "/ processes per node - 1, in [1, 8])",
     )
     g.add_argument("--synthetic_size", type=int, default=512, help="training images of --dataset synthetic")
     g.add_argument("--img_size", type=int, default=None, help="input size of imagenet/folder data (default: 224)")
@@ -286,6 +290,13 @@ def check_batch(args: argparse.Namespace, world: int) -> None:
         )
 
 
+def default_workers() -> int:
+    """Loader workers of an image-folder run: the CPUs this process may use, shared by the node's
+    torchrun processes (LOCAL_WORLD_SIZE), one left for each main process; in [1, 8]."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+
+
 def resolve(args: argparse.Namespace) -> None:
     """Fill the per-family training recipe (README "Training recipes"), the run's name and dir."""
     from reporting import auto_run_name
@@ -295,9 +306,7 @@ def resolve(args: argparse.Namespace) -> None:
     if args.vit_structured and args.vit_prune_target is None:
         args.vit_prune_target = "head"
     if args.workers is None:
-        args.workers = (
-            0 if args.dataset in ("digits", "synthetic", "cifar10", "cifar100") else min(4, os.cpu_count() or 1)
-        )
+        args.workers = 0 if args.dataset in ("digits", "synthetic", "cifar10", "cifar100") else default_workers()
     if args.exp_name is None:
         args.exp_name = auto_run_name(args, is_vit(args.arch))
     if args.save_dir is None:
@@ -355,6 +364,7 @@ def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
         restore_handlers,
         write_yaml,
     )
+    from distributed import from_main, shutdown
     from imp_loop import IMPRun
     from trainer import NonFiniteLoss
 
@@ -365,6 +375,7 @@ def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
             args.save_dir = args.save_dir or os.path.dirname(os.path.abspath(args.checkpoint))
         else:
             resolve(args)
+            args.exp_name, args.save_dir = from_main((args.exp_name, args.save_dir), args.device)  # rank 0's time
         rank = int(os.environ.get("RANK", "0"))
         run_dir = RunDir(args.save_dir, create=not args.resume or bool(args.checkpoint)) if rank == 0 else None
         resume_ck = open_run(args, given, RUNTIME_KEYS, rank)
@@ -394,8 +405,7 @@ def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
         return 130
     finally:
         restore_handlers(previous, ignore_term=int(os.environ.get("WORLD_SIZE", "1")) > 1)
-        if run is not None:
-            run.close()
+        shutdown()  # the process group, also when the run failed before it started
         if run_dir is not None:  # a new run that failed before training leaves no files behind
             run_dir.release(failed=run is None and not args.resume)
     return 0

@@ -268,3 +268,43 @@ def test_amp_auto_is_bf16_only_where_native(monkeypatch, capability, expected):
     assert not trainer.native_bf16(torch.device("cpu")) and trainer.amp_dtype("auto", torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert not trainer.native_bf16(dev)
+
+
+@pytest.mark.parametrize("cpus, local_world, expected", [(64, 1, 8), (16, 2, 7), (16, 8, 1), (2, 1, 1), (1, 4, 1)])
+def test_folder_workers_default_follows_the_cpus_per_process(monkeypatch, cpus, local_world, expected):
+    import main_imp_fillback as mif
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    assert mif.default_workers() == expected
+    args = mif.parse_args(["--dataset", "folder", "--exp_name", "x"])
+    mif.resolve(args)
+    assert args.workers == expected
+    args = mif.parse_args(["--dataset", "synthetic", "--exp_name", "x"])
+    mif.resolve(args)
+    assert args.workers == 0
+
+
+def test_only_the_training_loader_keeps_its_workers():
+    data = load_splits("digits", "unused", strong=False)
+    train, val, test = L.build_loaders(
+        data, "digits", False, torch.device("cpu"), L.EpochSampler(len(data.train)), 16, 32, 2, batched=False
+    )
+    assert train.persistent_workers and not val.persistent_workers and not test.persistent_workers
+
+
+def test_single_process_cuda_n_sets_the_current_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: calls.append(dev))
+    assert D.select_device("cuda:1", D.Dist()) == torch.device("cuda", 1) and calls == [torch.device("cuda", 1)]
+    D.select_device("cpu", D.Dist())
+    D.select_device("cuda", D.Dist())  # no index: the current device stays
+    assert len(calls) == 1
+
+
+def test_run_name_and_folder_are_rank_0s(monkeypatch):
+    monkeypatch.setattr(D, "init_distributed", lambda device: D.Dist(1, 2, 1))
+    monkeypatch.setattr(D.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, ("rank0", "dir0")))
+    assert D.from_main(("rank1", "dir1"), "cpu") == ("rank0", "dir0")
+    monkeypatch.setattr(D, "init_distributed", lambda device: D.Dist())
+    assert D.from_main(("mine", "dir"), "cpu") == ("mine", "dir")

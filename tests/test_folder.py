@@ -95,7 +95,7 @@ def test_persistent_workers_follow_each_epochs_seed(tree):
     for workers in (0, 1):
         ds = D.FileImages(files, FD.folder_transforms(32, True, True))
         sampler = L.EpochSampler(len(ds))
-        loader = L.make_loader(ds, 8, workers, sampler)
+        loader = L.make_loader(ds, 8, workers, sampler, persistent=True)
         assert loader.persistent_workers == (workers > 0)
         runs[workers] = []
         for seed in (5, 6):
