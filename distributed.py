@@ -94,6 +94,15 @@ def all_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(model: torch.nn.Module, d: Dist) -> None:
+    """Make every rank hold rank 0's buffers (BatchNorm running statistics), in place: each rank
+    updates its own in its training forwards, and an evaluation must be that of the model rank 0
+    saves."""
+    if d.enabled:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
 def broadcast_masks(masks: dict[str, torch.Tensor], d: Dist) -> None:
     """Make every rank hold rank 0's masks (in place). Each mask must own contiguous memory (a
     stride-0 expanded view would receive into memory it shares); bool masks travel as uint8."""

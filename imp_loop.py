@@ -35,6 +35,7 @@ from dataset import load_splits
 from distributed import (
     all_sum,
     barrier,
+    broadcast_buffers,
     broadcast_masks,
     gather_to_main,
     init_distributed,
@@ -95,6 +96,11 @@ class IMPRun:
         if resume_ck is not None:
             check_resume_processes(resume_ck, self.dist.world, args.save_dir)
         self.device = select_device(args.device, self.dist, args.deterministic)
+        if args.sync_bn and self.device.type != "cuda":
+            raise UsageError(
+                f"--sync_bn: SyncBatchNorm needs CUDA GPUs, and this run is on {self.device.type}; leave out --sync_bn",
+                every_rank=True,
+            )
         self.vit = is_vit(args.arch)
         seed_all(args.seed)
         strong = self.vit and args.augment == "recipe"  # TrivialAugment: the ViT recipe
@@ -140,6 +146,8 @@ class IMPRun:
         self.theta_r = init_weights(self.model, args, resume_ck is not None, self.save)
         ones = {n: m.to(self.device) for n, m in pu.ones_masks(self.model).items()}
         self.set_ticket(Ticket(ones, ones, ones, {n: torch.zeros_like(m) for n, m in ones.items()}))
+        if args.sync_bn and self.dist.enabled:  # in place: the same parameters and buffers, the same names
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.net = wrap_for_training(self.model, self.dist, self.device, args.compile)
         mode = args.wandb if self.dist.is_main else "disabled"
         self.logger = Logger(
@@ -368,7 +376,9 @@ class IMPRun:
         return self.stop_signal > 0
 
     def _evaluate(self, loader) -> dict:
-        """Loss and accuracy of the masked model on `loader`, each rank on its shard, summed."""
+        """Loss and accuracy of the masked model on `loader`, each rank on its shard, summed; every
+        rank evaluates with rank 0's BatchNorm statistics (the model rank 0 saves)."""
+        broadcast_buffers(self.model, self.dist)
         return evaluate(self.model, loader, self.device, self.amp, lambda t: all_sum(t, self.dist))
 
     def _trace(self, state: int, pen: RSSTPenalty, st: dict) -> None:

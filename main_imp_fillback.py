@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--deterministic", action="store_true", help="deterministic GPU kernels (bit-exact GPU resume, slower)"
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    g.add_argument(
+        "--sync_bn",
+        action="store_true",
+        help="torchrun on GPUs: BatchNorm statistics over all ranks' batches (SyncBatchNorm; for per-GPU batches "
+        "below ~32)",
+    )
     g = p.add_argument_group("Pruning")
     g.add_argument("--struct", default="rsst", choices=["rsst", "refill"], help="how to reach the structured mask")
     g.add_argument("--unstructured", action="store_true", help="skip the regroup (R = M): plain unstructured IMP")

@@ -53,7 +53,8 @@ RUNS = {
 }
 
 
-def torchrun(*flags, save_dir, wait=True):
+def torchrun(*flags, save_dir, wait=True, cwd=ROOT):
+    """torchrun with 2 processes on the CPU; `save_dir` None: the run's automatic folder in `cwd`."""
     cmd = [
         sys.executable,
         "-m",
@@ -63,24 +64,41 @@ def torchrun(*flags, save_dir, wait=True):
         os.path.join(ROOT, "main_imp_fillback.py"),
         *flags,
         *SMALL,
-        "--save_dir",
-        str(save_dir),
+        *(["--save_dir", str(save_dir)] if save_dir else []),
     ]
     if not wait:
         return subprocess.Popen(
-            cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+            cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
         )
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
 
 
 def digests(stdout: str, state: int) -> dict:
     return dict(re.findall(rf"rank (\d) state {state} mask digest (\S+)", stdout))
 
 
+def one_process_test_eval(ck: dict) -> dict:
+    """The test loss and accuracy of a saved model, evaluated in this one process."""
+    from models import create_model
+    from trainer import evaluate
+
+    data = load_splits("synthetic", "unused", False, 64)
+    model = create_model(ck["arch"], data.num_classes, data.img_size)
+    model.load_state_dict(ck["state_dict"])
+    cpu = torch.device("cpu")
+    _, _, test = L.build_loaders(data, "synthetic", False, cpu, L.EpochSampler(len(data.train)), 32, 64, 0)
+    return evaluate(model, test, cpu)
+
+
 @pytest.mark.parametrize("arch", list(RUNS))
 def test_torchrun_two_ranks_three_states_same_masks(tmp_path, arch):
-    p = torchrun(*RUNS[arch], save_dir=tmp_path)
+    """Also: the reported test accuracy is that of the saved (rank 0) model, BatchNorm statistics
+    included; the automatic run folder is rank 0's (one folder, in the launch directory)."""
+    p = torchrun(*RUNS[arch], save_dir=None, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
+    (run,) = os.listdir(tmp_path)
+    assert run.startswith("synthetic_rsst_output_rsst_" + arch)
+    tmp_path = tmp_path / run
     for state in range(3):
         d = digests(p.stdout, state)
         assert set(d) == {"0", "1"} and d["0"] == d["1"], (state, d)
@@ -88,6 +106,10 @@ def test_torchrun_two_ranks_three_states_same_masks(tmp_path, arch):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     ck = torch.load(os.path.join(tmp_path, "2checkpoint.pth.tar"), map_location="cpu", weights_only=True)
     assert ck["world"] == 2 and any(bool(m.any()) for m in ck["masks"]["penalty"].values())
+    if arch == "res20s":  # each rank's own BN statistics would give another loss
+        reported, alone = ck["state_progress"]["history"][-1], one_process_test_eval(ck)
+        assert alone["acc"] == reported["test_acc"] == ck["rows"][-1]["final_test_acc"]
+        assert abs(alone["loss"] - reported["test_loss"]) < 1e-5 * max(1.0, alone["loss"]), (alone, reported)
 
 
 def test_torchrun_killed_then_resumed_matches_uninterrupted(tmp_path):
@@ -308,3 +330,9 @@ def test_run_name_and_folder_are_rank_0s(monkeypatch):
     assert D.from_main(("rank1", "dir1"), "cpu") == ("rank0", "dir0")
     monkeypatch.setattr(D, "init_distributed", lambda device: D.Dist())
     assert D.from_main(("mine", "dir"), "cpu") == ("mine", "dir")
+
+
+def test_sync_bn_on_the_cpu_exits_2_with_one_line(run_main):
+    rc, d, err = run_main("--arch", "res20s", "--sync_bn")
+    assert rc == 2 and err.count("\n") == 1 and "--sync_bn: SyncBatchNorm needs CUDA" in err, err
+    assert not os.path.exists(d)
