@@ -94,6 +94,15 @@ def all_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def all_max(t: torch.Tensor, d: Dist, device: torch.device) -> torch.Tensor:
+    """Elementwise maximum of `t` over ranks, on the CPU (`t` itself on one process)."""
+    if not d.enabled:
+        return t
+    t = t.to(device, copy=True)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu()
+
+
 def broadcast_buffers(model: torch.nn.Module, d: Dist) -> None:
     """Make every rank hold rank 0's buffers (BatchNorm running statistics), in place: each rank
     updates its own in its training forwards, and an evaluation must be that of the model rank 0
