@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="start a ViT from a local timm/HF weight file (.safetensors, .pth, .bin)",
     )
-    g = p.add_argument_group("Training (None: the per-family recipe, see README)")
+    g = p.add_argument_group("Training (None: the per-family recipe, see docs/training.md)")
     g.add_argument("--epochs", type=int, default=80, help="epochs per state")
     g.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="CNN sgd, ViT adamw")
     g.add_argument("--lr", type=finite, default=None, help="base lr (CNN 0.1, ViT 1e-3)")
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cutmix", type=finite, default=None, help="cutmix alpha (CNN 0, ViT 1.0)")
     g.add_argument("--seed", type=int, default=1, help=f"seeds python, numpy and torch, in [0, {MAX_SEED}]")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: auto, see README)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: auto, see docs/training.md)")
     g.add_argument(
         "--amp",
         default="auto",
@@ -304,7 +304,7 @@ def default_workers() -> int:
 
 
 def resolve(args: argparse.Namespace) -> None:
-    """Fill the per-family training recipe (README "Training recipes"), the run's name and dir."""
+    """Fill the per-family training recipe (docs/training.md "Training recipes"), the run's name and dir."""
     from reporting import auto_run_name
     from trainer import fill_recipe
 
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         report_usage_error(e, every_rank=True)  # the same command line on every rank
         return 2
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (README "CPU threads")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (docs/training.md "CPU threads")
     return run_setup_and_train(args, given)
 
 

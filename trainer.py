@@ -1,6 +1,6 @@
 """Training recipes, one epoch of training, evaluation.
 
-Recipes (README "Training recipes" cites the sources):
+Recipes (docs/training.md "Training recipes" cites the sources):
 - CNN (ResNets, VGG): SGD lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, lr x0.1 at 50 %
   and 75 % of the state's steps (open_lth's cifar_resnet_20 schedule, scaled to --epochs).
 - ViT: AdamW lr 1e-3, weight decay 0.05, linear warmup (5 epochs, at most 1/8 of the state),
@@ -8,7 +8,7 @@ Recipes (README "Training recipes" cites the sources):
   stochastic depth 0.1 (the "ViT for small datasets" recipe, without repeated augmentation).
 - ViT from pretrained weights (--pretrained_file, --vit_pretrained): fine-tuning, AdamW lr 1e-4,
   weight decay 0.05, warmup 1 epoch (at most 1/8 of the state), cosine, label smoothing 0.1,
-  no mixup/cutmix (README "Your own data and pretrained ViTs" gives the sources).
+  no mixup/cutmix (docs/own-data.md "Fine-tuning recipe" gives the sources).
 """
 
 from __future__ import annotations
