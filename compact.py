@@ -1,6 +1,6 @@
 """Compaction: the physically smaller form of a masked model (used by export.py).
 
-What is removed (README "Export a ticket"):
+What is removed (docs/export.md "What is removed"):
 - ViT: heads whose proj input columns are all masked (they add nothing) or whose v rows are
   all masked (they output their v bias, a constant folded into proj.bias); MLP neurons whose
   fc2 column is all masked, or whose fc1 row is all masked (constant act(b1), folded into

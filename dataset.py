@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from errors import DataError
-from folder_data import DEFAULT_IMG_SIZE, FileList, folder_transforms, read_image, scan_folder
+from folder_data import DEFAULT_IMG_SIZE, FileList, folder_transforms, scan_folder
 
 DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "tiny_imagenet", "imagenet", "folder")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10, "synthetic": 10, "tiny_imagenet": 200}
@@ -210,7 +210,8 @@ class FileImages(SeededTransforms):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        return self._apply(i, read_image(self.files.path(i))), int(self.files.labels[i])
+        j, img = self.files.read(i)  # j != i: image i is unreadable (FileList.read)
+        return self._apply(i, img), int(self.files.labels[j])
 
 
 def _image_folder(name: str, root: str, strong: bool, img_size: int, norm: tuple | None) -> DataSplits:

@@ -55,7 +55,10 @@ def select_device(device: str, d: Dist, deterministic: bool = False) -> torch.de
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and d.enabled:
         return torch.device("cuda", d.local_rank)
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None:  # cuda:N: N is also the current device (libraries, caches)
+        torch.cuda.set_device(dev)
+    return dev
 
 
 def wrap_for_training(model: torch.nn.Module, d: Dist, device: torch.device, compile: bool) -> torch.nn.Module:
@@ -71,6 +74,17 @@ def wrap_for_training(model: torch.nn.Module, d: Dist, device: torch.device, com
     return net
 
 
+def from_main(obj, device: str):
+    """Rank 0's `obj` (picklable) on every rank, joining the process group first (the run's name
+    and folder, whose timestamp each process takes itself); `obj` itself on one process."""
+    d = init_distributed(device)
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     """Sum of `t` over ranks (a copy; `t` itself on one process)."""
     if not d.enabled:
@@ -78,6 +92,24 @@ def all_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t)
     return t
+
+
+def all_max(t: torch.Tensor, d: Dist, device: torch.device) -> torch.Tensor:
+    """Elementwise maximum of `t` over ranks, on the CPU (`t` itself on one process)."""
+    if not d.enabled:
+        return t
+    t = t.to(device, copy=True)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu()
+
+
+def broadcast_buffers(model: torch.nn.Module, d: Dist) -> None:
+    """Make every rank hold rank 0's buffers (BatchNorm running statistics), in place: each rank
+    updates its own in its training forwards, and an evaluation must be that of the model rank 0
+    saves."""
+    if d.enabled:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
 
 
 def broadcast_masks(masks: dict[str, torch.Tensor], d: Dist) -> None:
@@ -127,6 +159,7 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def shutdown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
+def shutdown(d: Dist | None = None) -> None:
+    """Leave the process group (`d` None: whichever this process joined)."""
+    if (d is None or d.enabled) and dist.is_initialized():
         dist.destroy_process_group()

@@ -5,7 +5,12 @@ Kept apart from the heavy modules so the command line can report them before tor
 
 
 class UsageError(Exception):
-    """Bad command line or input (a flag, a file, a save dir): exit code 2."""
+    """Bad command line or input (a flag, a file, a save dir): exit code 2. `every_rank`: every
+    process of a torchrun run finds the same error, so only rank 0 reports it."""
+
+    def __init__(self, message: str = "", every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 class DataError(UsageError):

@@ -1,6 +1,9 @@
 """Export a ticket as a physically smaller model, check it against the masked model, time both.
 
-    python export.py --checkpoint DIR/{state}checkpoint.pth.tar --out compact.pt [--device auto|cpu|cuda]
+    python export.py --checkpoint DIR/{state}checkpoint.pth.tar --out compact.pt [--device auto|cpu|cuda] [--eval]
+
+With --eval, both models are also evaluated on the test split of the run's dataset (the compact
+one must predict what the masked one does).
 
 The compaction itself (which heads, neurons and channels go, and the constants folded in) is
 in compact.py. `load_compact(path)` rebuilds the model from the file alone.
@@ -21,7 +24,8 @@ from torch.utils import flop_counter
 
 from checkpoints import UnsafeCheckpoint, load_safely
 from compact import CompactError, build_compact, compact_state
-from models import create_model
+from errors import DataError
+from models import create_model, input_norm
 
 FORMAT = "rsst-compact-1"
 TOLERANCE = 1e-4
@@ -154,6 +158,48 @@ def compare(
     return rows
 
 
+def load_test_split(config: dict, data_root: str | None, batch: int) -> tuple:
+    """The test split of the run's dataset (its config as saved in the checkpoint), evaluation transforms."""
+    from dataset import load_splits
+    from loaders import EpochSampler, build_loaders
+
+    if not config.get("dataset"):
+        raise ExportError("--eval: the checkpoint has no run config (an older version's file); nothing to evaluate on")
+    try:
+        norm = input_norm(config["arch"])
+        data = load_splits(
+            config["dataset"],
+            data_root or config.get("data", "data"),
+            False,
+            config.get("synthetic_size", 512),
+            config.get("img_size"),
+            norm,
+        )
+    except (DataError, ValueError, OSError) as e:
+        raise ExportError(f"--eval: {str(e).splitlines()[0]} (give the dataset root with --data)") from None
+    cpu = torch.device("cpu")
+    loaders = build_loaders(data, config["dataset"], False, cpu, EpochSampler(len(data.train)), batch, batch, 0)
+    return loaders[2], config["dataset"], len(data.test)
+
+
+def accuracies(models: dict[str, nn.Module], loader, device: str) -> tuple[dict[str, float], int]:
+    """Top-1 test accuracy (%) of each model (fp32, eval mode) and how many images' predictions differ."""
+    correct = {name: 0 for name in models}
+    differ = seen = 0
+    with torch.inference_mode():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            preds = {name: m.to(device)(x).argmax(1) for name, m in models.items()}
+            for name, p in preds.items():
+                correct[name] += int((p == y).sum())
+            first = next(iter(preds.values()))
+            differ += int(sum((p != first) for p in preds.values()).count_nonzero())
+            seen += len(y)
+    for m in models.values():
+        m.to("cpu")
+    return {name: 100.0 * c / max(1, seen) for name, c in correct.items()}, differ
+
+
 def format_table(rows: list[dict]) -> str:
     """Rows of `compare` plus a dense/compact ratio row when there are two."""
     keys = list(rows[0])
@@ -186,6 +232,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards before timing")
     p.add_argument("--repeats", type=int, default=10, help="timed forwards (the median is reported)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the timing (default: torch's)")
+    p.add_argument(
+        "--eval", action="store_true", help="test accuracy of both models on the run's dataset (from its config)"
+    )
+    p.add_argument("--data", default=None, help="dataset root for --eval (default: the run's --data)")
     args = p.parse_args(argv)
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise ExportError("--batch, --repeats and --threads must be >= 1, --warmup >= 0")
@@ -255,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             print(warning, file=sys.stderr)
         masked = masked_model(ck)
         artifact = export_artifact(ck, masked)
+        test_split = load_test_split(ck.get("config") or {}, args.data, args.batch) if args.eval else None
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -276,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     devices = ["cpu"] + (
         ["cuda"] if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else []
     )
+    if test_split is not None:
+        loader, dataset, images = test_split
+        acc, differ = accuracies({"masked": masked, "compact": compact}, loader, devices[-1])
+        print(
+            f"test accuracy on {dataset} ({images} images, fp32, {devices[-1]}): "
+            f"masked {acc['masked']:.2f} %, compact {acc['compact']:.2f} %; predictions that differ: {differ}"
+        )
     rows = compare(
         {"masked": masked, "compact": compact}, ck["img_size"], devices, (1, args.batch), args.warmup, args.repeats
     )

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,11 +36,16 @@ SPLIT_SEED = 0
 
 @dataclass
 class FileList:
-    """Image files under `root` (relative paths as one fixed-width byte array) and labels."""
+    """Image files under `root` (relative paths as one fixed-width byte array) and labels, with a
+    flag per file found unreadable (shared memory: loader workers set it, the main process counts)."""
 
     root: str
     paths: np.ndarray  # dtype S<n>
     labels: np.ndarray  # int64
+    unreadable: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.unreadable = torch.zeros(len(self.labels), dtype=torch.uint8).share_memory_()
 
     @classmethod
     def from_samples(cls, root: str, samples: list[tuple[str, int]]) -> FileList:
@@ -55,6 +61,26 @@ class FileList:
 
     def path(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i].decode())
+
+    def read(self, i: int) -> tuple[int, torch.Tensor]:
+        """(j, image j): image i, or where it is unreadable the next readable image of the split
+        (wrapping), so a batch keeps its size and the choice depends on the files alone. Each
+        unreadable file is flagged and named in one warning (per process that finds it)."""
+        for k in range(len(self)):
+            j = (i + k) % len(self)
+            if self.unreadable[j]:
+                continue
+            try:
+                return j, read_image(self.path(j))
+            except Exception as e:  # any decoder's error: a truncated, corrupt or mislabelled file
+                self.unreadable[j] = 1
+                print(
+                    f"warning: unreadable image {self.path(j)} ({type(e).__name__}): skipped, the next readable "
+                    "image of the split takes its place",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        raise DataError(f"{self.root}: no image of this split is readable")
 
 
 # ------------------------------------------------------------------------------ scan

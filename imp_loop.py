@@ -33,8 +33,10 @@ from checkpoints import (
 )
 from dataset import load_splits
 from distributed import (
+    all_max,
     all_sum,
     barrier,
+    broadcast_buffers,
     broadcast_masks,
     gather_to_main,
     init_distributed,
@@ -44,7 +46,7 @@ from distributed import (
     shutdown,
     wrap_for_training,
 )
-from errors import UsageError
+from errors import DataError, UsageError
 from loaders import EpochSampler, build_loaders, calibration_batches
 from mask_plots import load_state_masks, plot_masks, unit_kinds
 from models import create_model, input_norm, is_vit
@@ -95,6 +97,11 @@ class IMPRun:
         if resume_ck is not None:
             check_resume_processes(resume_ck, self.dist.world, args.save_dir)
         self.device = select_device(args.device, self.dist, args.deterministic)
+        if args.sync_bn and self.device.type != "cuda":
+            raise UsageError(
+                f"--sync_bn: SyncBatchNorm needs CUDA GPUs, and this run is on {self.device.type}; leave out --sync_bn",
+                every_rank=True,
+            )
         self.vit = is_vit(args.arch)
         seed_all(args.seed)
         strong = self.vit and args.augment == "recipe"  # TrivialAugment: the ViT recipe
@@ -135,11 +142,14 @@ class IMPRun:
         self.steps_per_epoch = len(self.train_loader)
         self.mixup = mixup_fn(args.mixup, args.cutmix, args.label_smoothing, self.data.num_classes)
         self.rows: list[dict] = []
+        self.unreadable: dict[str, int] = {}  # split: unreadable images found so far (image folders)
         self.global_step = 0
         self.stop_signal = 0  # the signal every rank agreed to stop on (0: none)
         self.theta_r = init_weights(self.model, args, resume_ck is not None, self.save)
         ones = {n: m.to(self.device) for n, m in pu.ones_masks(self.model).items()}
         self.set_ticket(Ticket(ones, ones, ones, {n: torch.zeros_like(m) for n, m in ones.items()}))
+        if args.sync_bn and self.dist.enabled:  # in place: the same parameters and buffers, the same names
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.net = wrap_for_training(self.model, self.dist, self.device, args.compile)
         mode = args.wandb if self.dist.is_main else "disabled"
         self.logger = Logger(
@@ -368,8 +378,38 @@ class IMPRun:
         return self.stop_signal > 0
 
     def _evaluate(self, loader) -> dict:
-        """Loss and accuracy of the masked model on `loader`, each rank on its shard, summed."""
+        """Loss and accuracy of the masked model on `loader`, each rank on its shard, summed; every
+        rank evaluates with rank 0's BatchNorm statistics (the model rank 0 saves)."""
+        broadcast_buffers(self.model, self.dist)
         return evaluate(self.model, loader, self.device, self.amp, lambda t: all_sum(t, self.dist))
+
+    def _count_unreadable(self) -> None:
+        """Unreadable images found so far in each split of an image folder (over all ranks, which
+        then all skip them), logged when the count grows; DataError on every rank where more than
+        max(1, 1 %) of a split is unreadable."""
+        splits = {k: getattr(self.data, k) for k in ("train", "val", "test")}
+        files = {k: ds.files for k, ds in splits.items() if hasattr(ds, "files")}
+        if not files:
+            return
+        union = all_max(torch.cat([f.unreadable for f in files.values()]), self.dist, self.device)
+        counts = {}
+        for (split, f), flags in zip(files.items(), union.split([len(f) for f in files.values()])):
+            f.unreadable.copy_(flags)
+            counts[split] = int(flags.sum())
+            if counts[split] > max(1, len(f) // 100):
+                first = f.path(int(flags.nonzero()[0]))
+                raise DataError(
+                    f"--data {self.args.data}: {counts[split]} of the {len(f)} {split} images are unreadable "
+                    f"(more than max(1, 1 %); first: {first}); repair or remove them",
+                    every_rank=True,
+                )
+        if sum(counts.values()) > sum(self.unreadable.values()):
+            self.say(
+                "unreadable images skipped so far: "
+                + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+                + " (each replaced by the next readable image of its split)"
+            )
+        self.unreadable = counts
 
     def _trace(self, state: int, pen: RSSTPenalty, st: dict) -> None:
         ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
@@ -417,6 +457,7 @@ class IMPRun:
         a, st, pen = self.args, out["st"], out["pen"]
         va = self._evaluate(self.val_loader)
         te = self._evaluate(self.test_loader)
+        self._count_unreadable()
         row = {
             "epoch": epoch + 1,
             "train_loss": tr["loss"],
@@ -455,6 +496,7 @@ class IMPRun:
         """State checkpoint, summary row and plots; the last epoch's evaluation is the final one."""
         pen, st = out["pen"], out["st"]
         row = state_row(state, self.ticket, self.report, self.groups, st, pen if pen.active else None, self.plan)
+        row["unreadable_images"] = sum(self.unreadable.values()) if self.unreadable else None
         self.rows.append(row)
         self.save(self._payload(state, self.args.epochs, "done", out), f"{state}checkpoint.pth.tar")
         self.save({"phase": "done", "state": state, "file": f"{state}checkpoint.pth.tar"}, "latest.pth.tar")

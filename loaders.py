@@ -52,10 +52,17 @@ class ShardSampler(Sampler[int]):
 
 
 def make_loader(
-    ds: Dataset, batch_size: int, workers: int, sampler: Sampler | None = None, drop_last: bool = False
+    ds: Dataset,
+    batch_size: int,
+    workers: int,
+    sampler: Sampler | None = None,
+    drop_last: bool = False,
+    persistent: bool = False,
 ) -> DataLoader:
-    """A DataLoader in `sampler` order (sequential without one). Workers persist across epochs:
-    our datasets read the epoch seed from shared memory (dataset.SeededTransforms)."""
+    """A DataLoader in `sampler` order (sequential without one). `persistent`: workers live across
+    epochs (the training loader: our datasets read the epoch seed from shared memory, see
+    dataset.SeededTransforms); evaluation loaders' workers end after each pass, so they hold no
+    memory or processes during training."""
     return DataLoader(
         ds,
         batch_size=batch_size,
@@ -63,7 +70,7 @@ def make_loader(
         num_workers=workers,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
+        persistent_workers=persistent and workers > 0,
     )
 
 
@@ -79,22 +86,34 @@ def calibration_batches(ds: Dataset, batches: int, batch_size: int, seed: int) -
 
 
 # ------------------------------------------------------------------ GPU-resident loader
-def crop_flip_batch(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding `pad`) and horizontal flip of a uint8 batch [B, C, H, W], per
-    image, in a few whole-batch ops on x's device; offsets and flips are drawn from `g` (CPU)."""
+def crop_flip_params(b: int, pad: int, flip: bool, g: torch.Generator) -> tuple:
+    """(row offsets, column offsets, mirror flags) of `b` images, drawn from `g` (CPU) in this
+    order; offsets None without padding, flags None without flips."""
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=g) if pad else None
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=g) if pad else None
+    mirror = torch.rand(b, generator=g) < 0.5 if flip else None
+    return oy, ox, mirror
+
+
+def crop_flip(x: torch.Tensor, pad: int, oy, ox, mirror) -> torch.Tensor:
+    """Crop (zero padding `pad`, window at offsets oy, ox) and flip (where `mirror`) a uint8 batch
+    [B, C, H, W], per image, in a few whole-batch ops; the parameters live on x's device."""
     b, c, h, w = x.shape
     if pad:
         xp = F.pad(x, (pad, pad, pad, pad))
-        oy = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
-        ox = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
         rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * pad)
         x = xp.gather(2, rows)
         cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, c, h, w)
         x = x.gather(3, cols)
-    if flip:
-        mirror = (torch.rand(b, generator=g) < 0.5).to(x.device)[:, None, None, None]
-        x = torch.where(mirror, x.flip(3), x)
+    if mirror is not None:
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
     return x
+
+
+def crop_flip_batch(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.Tensor:
+    """`crop_flip` with parameters drawn from `g` (CPU) and moved to x's device."""
+    params = crop_flip_params(len(x), pad, flip, g)
+    return crop_flip(x, pad, *(None if p is None else p.to(x.device) for p in params))
 
 
 class DeviceLoader:
@@ -103,8 +122,9 @@ class DeviceLoader:
 
     The order comes from `sampler` (so resume and sharding behave as with the DataLoader);
     crop/flip randomness is seeded per (epoch seed, batch, rank), so ranks draw different
-    augmentations. TrivialAugment, when the recipe asks for it, is applied with one op per
-    group of `trivial_group` images.
+    augmentations. `epoch_plan` makes an epoch's order and crop/flip parameters at its start and
+    moves them to the device in one copy, so a step never waits on the host. TrivialAugment, when
+    the recipe asks for it, is applied with one op per group of `trivial_group` images.
     """
 
     def __init__(
@@ -130,17 +150,40 @@ class DeviceLoader:
         n = len(self.sampler) if self.sampler is not None else len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self):
-        order = torch.tensor(list(self.sampler) if self.sampler is not None else range(len(self.labels)))
+    def batch_seed(self, b: int) -> int:
+        """The seed of batch `b` of this epoch (counted from the epoch's start, also on resume)."""
         start = getattr(self.sampler, "start", 0) // self.batch_size
+        return (self.ds.epoch_seed * 1_000_003 + start + b + self.rank * 0x9E3779B97F4A7C15) % (2**63)
+
+    def epoch_plan(self) -> torch.Tensor:
+        """This epoch's batches as one int64 tensor [4, n] on the device: sample indices, row and
+        column crop offsets, mirror flags (one column per sample, batch after batch). Drawn on the
+        CPU exactly as per batch (the same numbers), then copied once (pinned, non-blocking)."""
+        order = torch.tensor(list(self.sampler) if self.sampler is not None else range(len(self.labels)))
+        order = order[: len(self) * self.batch_size]
+        plan = torch.zeros(4, len(order), dtype=torch.int64)
+        plan[0] = order
         for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size].to(self.device)
-            seed = (self.ds.epoch_seed * 1_000_003 + start + b + self.rank * 0x9E3779B97F4A7C15) % (2**63)
-            g = torch.Generator().manual_seed(seed)
-            x = crop_flip_batch(self.images[idx], self.aug.pad, self.aug.flip, g)
+            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, len(order))
+            oy, ox, mirror = crop_flip_params(
+                hi - lo, self.aug.pad, self.aug.flip, torch.Generator().manual_seed(self.batch_seed(b))
+            )
+            for row, p in ((1, oy), (2, ox), (3, mirror)):
+                if p is not None:
+                    plan[row, lo:hi] = p
+        if self.device.type == "cuda":
+            return plan.pin_memory().to(self.device, non_blocking=True)
+        return plan.to(self.device)
+
+    def __iter__(self):
+        plan = self.epoch_plan()
+        pad = self.aug.pad
+        for b in range(len(self)):
+            idx, oy, ox, mirror = plan[:, b * self.batch_size : (b + 1) * self.batch_size]
+            x = crop_flip(self.images[idx], pad, oy, ox, mirror.bool() if self.aug.flip else None)
             if self.trivial is not None:
                 with torch.random.fork_rng(devices=[]):  # TrivialAugment draws from the CPU generator
-                    torch.default_generator.manual_seed(seed)
+                    torch.default_generator.manual_seed(self.batch_seed(b))
                     x = torch.cat([self.trivial(part) for part in x.split(self.trivial_group)])
             yield (x.float() - self.mean) / self.std, self.labels[idx]
 
@@ -171,7 +214,7 @@ def build_loaders(
             DeviceLoader(data.test, plain, eval_batch_size, device, shard(data.test)),
         )
     return (
-        make_loader(data.train, batch_size, workers, sampler, drop_last),
+        make_loader(data.train, batch_size, workers, sampler, drop_last, persistent=True),
         make_loader(data.val, eval_batch_size, workers, shard(data.val)),
         make_loader(data.test, eval_batch_size, workers, shard(data.test)),
     )

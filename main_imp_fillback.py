@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default="data", help="dataset root (CIFAR is downloaded here when reachable)")
     g.add_argument("--batch_size", type=int, default=128, help="batch size (global, split over ranks)")
     g.add_argument(
-        "--workers", type=int, default=None, help="loader workers (default: 0 for in-memory data, else min(4, cpus))"
+        "--workers",
+        type=int,
+        default=None,
+        help="loader workers per process (default: 0 for in-memory data; image folders: this process's CPUs "
+        "/ processes per node - 1, in [1, 8])",
     )
     g.add_argument("--synthetic_size", type=int, default=512, help="training images of --dataset synthetic")
     g.add_argument("--img_size", type=int, default=None, help="input size of imagenet/folder data (default: 224)")
@@ -74,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="start a ViT from a local timm/HF weight file (.safetensors, .pth, .bin)",
     )
-    g = p.add_argument_group("Training (None: the per-family recipe, see README)")
+    g = p.add_argument_group("Training (None: the per-family recipe, see docs/training.md)")
     g.add_argument("--epochs", type=int, default=80, help="epochs per state")
     g.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="CNN sgd, ViT adamw")
     g.add_argument("--lr", type=finite, default=None, help="base lr (CNN 0.1, ViT 1e-3)")
@@ -90,17 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cutmix", type=finite, default=None, help="cutmix alpha (CNN 0, ViT 1.0)")
     g.add_argument("--seed", type=int, default=1, help=f"seeds python, numpy and torch, in [0, {MAX_SEED}]")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: auto, see README)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: auto, see docs/training.md)")
     g.add_argument(
         "--amp",
         default="auto",
         choices=["auto", "bf16", "fp16", "off"],
-        help="CUDA mixed precision: auto = bf16 where supported, else fp16 with loss scaling",
+        help="CUDA mixed precision: auto = bf16 on GPUs that compute it natively (compute capability >= 8), "
+        "else fp16 with loss scaling",
     )
     g.add_argument(
         "--deterministic", action="store_true", help="deterministic GPU kernels (bit-exact GPU resume, slower)"
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    g.add_argument(
+        "--sync_bn",
+        action="store_true",
+        help="torchrun on GPUs: BatchNorm statistics over all ranks' batches (SyncBatchNorm; for per-GPU batches "
+        "below ~32)",
+    )
     g = p.add_argument_group("Pruning")
     g.add_argument("--struct", default="rsst", choices=["rsst", "refill"], help="how to reach the structured mask")
     g.add_argument("--unstructured", action="store_true", help="skip the regroup (R = M): plain unstructured IMP")
@@ -263,8 +274,37 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--decreasing_lr {a.decreasing_lr}: use comma-separated epochs > 0, e.g. 40,60")
 
 
+def check_batch(args: argparse.Namespace, world: int) -> None:
+    """The global batch splits evenly over the ranks, and mixup/cutmix (which pair images within
+    a rank's batch) get an even per-rank batch; one line naming the fix otherwise."""
+    if args.batch_size % world:
+        lower, upper = args.batch_size // world * world, -(-args.batch_size // world) * world
+        raise UsageError(
+            f"--batch_size {args.batch_size}: the global batch must split evenly over the {world} processes "
+            f"(use {max(lower, world)} or {upper})",
+            every_rank=True,
+        )
+    per_rank = args.batch_size // world
+    if per_rank % 2 and (args.mixup or args.cutmix):
+        on = " x ".join(f"--{k} {getattr(args, k):g}" for k in ("mixup", "cutmix") if getattr(args, k))
+        step = 2 * world
+        raise UsageError(
+            f"--batch_size {args.batch_size}: {per_rank} images per process is odd, and {on} pairs images "
+            f"within a process's batch: use a multiple of {step} (e.g. {args.batch_size // step * step or step} or "
+            f"{-(-args.batch_size // step) * step}), or --mixup 0 --cutmix 0",
+            every_rank=True,
+        )
+
+
+def default_workers() -> int:
+    """Loader workers of an image-folder run: the CPUs this process may use, shared by the node's
+    torchrun processes (LOCAL_WORLD_SIZE), one left for each main process; in [1, 8]."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+
+
 def resolve(args: argparse.Namespace) -> None:
-    """Fill the per-family training recipe (README "Training recipes"), the run's name and dir."""
+    """Fill the per-family training recipe (docs/training.md "Training recipes"), the run's name and dir."""
     from reporting import auto_run_name
     from trainer import fill_recipe
 
@@ -272,9 +312,7 @@ def resolve(args: argparse.Namespace) -> None:
     if args.vit_structured and args.vit_prune_target is None:
         args.vit_prune_target = "head"
     if args.workers is None:
-        args.workers = (
-            0 if args.dataset in ("digits", "synthetic", "cifar10", "cifar100") else min(4, os.cpu_count() or 1)
-        )
+        args.workers = 0 if args.dataset in ("digits", "synthetic", "cifar10", "cifar100") else default_workers()
     if args.exp_name is None:
         args.exp_name = auto_run_name(args, is_vit(args.arch))
     if args.save_dir is None:
@@ -313,6 +351,12 @@ def resume_command(args: argparse.Namespace) -> str:
 
 
 # ---------------------------------------------------------------------------- set-up
+def report_usage_error(e: UsageError, every_rank: bool = False) -> None:
+    """`error: ...` on stderr; under torchrun an error every rank finds is printed by rank 0 only."""
+    if int(os.environ.get("RANK", "0")) == 0 or not (every_rank or e.every_rank):
+        print(f"error: {e}", file=sys.stderr)
+
+
 def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
     """Everything after a valid command line; exit codes per CLI.md."""
     from checkpoints import (
@@ -326,6 +370,7 @@ def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
         restore_handlers,
         write_yaml,
     )
+    from distributed import from_main, shutdown
     from imp_loop import IMPRun
     from trainer import NonFiniteLoss
 
@@ -336,10 +381,12 @@ def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
             args.save_dir = args.save_dir or os.path.dirname(os.path.abspath(args.checkpoint))
         else:
             resolve(args)
+            args.exp_name, args.save_dir = from_main((args.exp_name, args.save_dir), args.device)  # rank 0's time
         rank = int(os.environ.get("RANK", "0"))
         run_dir = RunDir(args.save_dir, create=not args.resume or bool(args.checkpoint)) if rank == 0 else None
         resume_ck = open_run(args, given, RUNTIME_KEYS, rank)
         resolve(args)  # a resumed run: its saved config is already resolved
+        check_batch(args, int(os.environ.get("WORLD_SIZE", "1")))
         if resume_ck is None and rank == 0:  # first: from here on a killed run can be resumed
             write_yaml(
                 os.path.join(args.save_dir, "args.yaml"), {k: v for k, v in vars(args).items() if k not in RUNTIME_KEYS}
@@ -347,7 +394,7 @@ def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
         run = IMPRun(args, resume_ck, stop)
         run.run(resume_ck)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_usage_error(e)
         return 2
     except (NonFiniteLoss, SaveError) as e:
         print(f"error: {e}; run stopped. Last good checkpoint: {last_good_checkpoint(args.save_dir)}", file=sys.stderr)
@@ -364,8 +411,7 @@ def run_setup_and_train(args: argparse.Namespace, given: set[str]) -> int:
         return 130
     finally:
         restore_handlers(previous, ignore_term=int(os.environ.get("WORLD_SIZE", "1")) > 1)
-        if run is not None:
-            run.close()
+        shutdown()  # the process group, also when the run failed before it started
         if run_dir is not None:  # a new run that failed before training leaves no files behind
             run_dir.release(failed=run is None and not args.resume)
     return 0
@@ -378,9 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         validate(args)
         given = explicit_flags(argv)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_usage_error(e, every_rank=True)  # the same command line on every rank
         return 2
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (README "CPU threads")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (docs/training.md "CPU threads")
     return run_setup_and_train(args, given)
 
 

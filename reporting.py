@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import sys
 import time
 
@@ -32,6 +33,7 @@ SUMMARY_FIELDS = [
     "penalized_norm_ratio",
     "reg_end_step",
     "seconds",
+    "unreadable_images",
 ]
 
 
@@ -137,9 +139,17 @@ def _narrow(ax) -> bool:
 
 def _fit(title: str, width: int = 70) -> str:
     """A long run name wrapped onto lines of at most `width` characters (at underscores)."""
-    import textwrap
+    lines = [""]
+    for part in re.findall(r"[^_]*_|[^_]+", title):  # each part keeps its trailing underscore
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(chunk for line in lines for chunk in _chunks(line, width))
 
-    return "\n".join(textwrap.wrap(title.replace("_", "_\u200b"), width)).replace("\u200b", "")
+
+def _chunks(line: str, width: int) -> list[str]:
+    """A line cut every `width` characters (only a part with no underscore longer than `width` needs it)."""
+    return [line[i : i + width] for i in range(0, len(line), width)] or [""]
 
 
 def plot_lambda(

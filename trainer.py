@@ -1,6 +1,6 @@
 """Training recipes, one epoch of training, evaluation.
 
-Recipes (README "Training recipes" cites the sources):
+Recipes (docs/training.md "Training recipes" cites the sources):
 - CNN (ResNets, VGG): SGD lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, lr x0.1 at 50 %
   and 75 % of the state's steps (open_lth's cifar_resnet_20 schedule, scaled to --epochs).
 - ViT: AdamW lr 1e-3, weight decay 0.05, linear warmup (5 epochs, at most 1/8 of the state),
@@ -8,7 +8,7 @@ Recipes (README "Training recipes" cites the sources):
   stochastic depth 0.1 (the "ViT for small datasets" recipe, without repeated augmentation).
 - ViT from pretrained weights (--pretrained_file, --vit_pretrained): fine-tuning, AdamW lr 1e-4,
   weight decay 0.05, warmup 1 epoch (at most 1/8 of the state), cosine, label smoothing 0.1,
-  no mixup/cutmix (README "Your own data and pretrained ViTs" gives the sources).
+  no mixup/cutmix (docs/own-data.md "Fine-tuning recipe" gives the sources).
 """
 
 from __future__ import annotations
@@ -134,16 +134,24 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, schedule, milestones))
 
 
+def native_bf16(device: torch.device) -> bool:
+    """True where `device` computes bf16 natively: a CUDA GPU of compute capability >= 8 (Ampere
+    on). `torch.cuda.is_bf16_supported()` also counts emulation (V100, T4), which is slow."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def amp_dtype(mode: str, device: torch.device, force_cpu: bool = False) -> torch.dtype | None:
-    """The autocast dtype of `--amp` on `device` (None: fp32). auto: bf16 where the GPU supports
-    it, else fp16 (with loss scaling: see `grad_scaler`); on the CPU fp32, or bf16 when the GPU
+    """The autocast dtype of `--amp` on `device` (None: fp32). auto: bf16 where the GPU computes
+    it natively (`native_bf16`), else fp16 (with loss scaling: see `grad_scaler`); on the CPU fp32, or bf16 when the GPU
     code paths are forced (tests)."""
     if mode == "off":
         return None
     if device.type != "cuda":
         return torch.bfloat16 if force_cpu else None
     if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 

@@ -122,6 +122,23 @@ def runs_of(group: str, seeds: list[int] | None, out: str) -> list[dict]:
     return items
 
 
+def states_in(group: str) -> int:
+    flags = GROUPS[group]["flags"]
+    return int(flags[flags.index("--pruning_times") + 1])
+
+
+def with_bases(items: list[tuple[str, dict]], out: str) -> list[tuple[str, dict]]:
+    """The selected (group, run) pairs, after the state-0 base runs they need but did not select."""
+    runs = {}
+    for group, item in items:
+        if item["base"]:
+            base_group = GROUPS[group].get("base", group)
+            base = next(it for it in runs_of(base_group, [item["seed"]], out) if it["save"] == item["base"])
+            runs.setdefault(base["save"], (base_group, base))
+    runs.update({item["save"]: (group, item) for group, item in items})
+    return list(runs.values())
+
+
 def finished(save: str, states: int) -> bool:
     try:
         with open(os.path.join(save, "summary.json")) as f:
@@ -255,14 +272,15 @@ def main() -> int:
     apply_threads(1)  # the runs use --threads 1; the recorded machine line says so
     items, states_of = [], {}
     for group in a.groups:
-        states = int(GROUPS[group]["flags"][GROUPS[group]["flags"].index("--pruning_times") + 1])
+        states = states_in(group)
         for item in runs_of(group, a.seeds, a.out):
             if a.methods and item["method"] not in a.methods:
                 continue
             states_of[item["save"]] = states
             items.append((group, item))
     if not a.report:
-        run_all([it for _, it in items], a.jobs, states_of)
+        runs = with_bases(items, a.out)  # a base run the --methods left out still trains the shared state 0
+        run_all([it for _, it in runs], a.jobs, {it["save"]: states_in(g) for g, it in runs})
     for group in a.groups:
         group_items = [it for g, it in items if g == group]
         states = states_of[group_items[0]["save"]]

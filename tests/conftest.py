@@ -1,7 +1,8 @@
-"""Shared test setup: the repository root on sys.path, wandb off, small runs in tmp dirs."""
+"""Shared test setup: the repository root on sys.path, wandb off, small runs and temporary files in tmp dirs."""
 
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -21,6 +22,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin has configured its factory
+def pytest_configure(config):
+    """The system temp dir of this process and of its subprocesses (the test modules' ENV dicts copy os.environ
+    at collection) is a folder under pytest's basetemp: wandb's tmp*wandb-media / tmp*wandb-artifacts, torchrun's
+    and the runs' temporary files stay there, also when a test kills a run."""
+    tmp = config._tmp_path_factory.getbasetemp() / "tmp"
+    tmp.mkdir(exist_ok=True)
+    config._saved_temp = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(tmp), str(tmp)
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "_saved_temp"):
+        return
+    env, tempfile.tempdir = config._saved_temp
+    if env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = env
+
+
+@pytest.fixture(scope="session")
+def temp_dir_under_basetemp(tmp_path_factory):
+    """The folder that tempfile and subprocesses use during the tests."""
+    return tmp_path_factory.getbasetemp() / "tmp"
 
 
 @pytest.fixture

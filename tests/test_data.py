@@ -1,6 +1,7 @@
 """Data: splits, seeded per-sample augmentation, the epoch sampler, the GPU-resident batch
 loader's augmentation (run here on CPU tensors)."""
 
+import pytest
 import torch
 
 import dataset as D
@@ -91,3 +92,71 @@ def test_device_loader_resumed_mid_epoch_gives_the_same_remaining_batches():
         if not trivial:  # crop/flip are seeded per batch; TrivialAugment draws from the global RNG
             assert all(torch.equal(a[0], b[0]) for a, b in zip(full[2:], resumed))
         assert all(torch.equal(a[1], b[1]) for a, b in zip(full[2:], resumed))
+
+
+def _reference_batches(loader):
+    """The batches of the per-batch loader before epoch plans (each batch's indices and crop/flip
+    parameters drawn and copied at its step): the epoch plan must give the same bits."""
+    order = torch.tensor(list(loader.sampler))
+    start = loader.sampler.start // loader.batch_size
+    for b in range(len(loader)):
+        idx = order[b * loader.batch_size : (b + 1) * loader.batch_size]
+        seed = (loader.ds.epoch_seed * 1_000_003 + start + b + loader.rank * 0x9E3779B97F4A7C15) % (2**63)
+        x = L.crop_flip_batch(loader.images[idx], loader.aug.pad, loader.aug.flip, torch.Generator().manual_seed(seed))
+        if loader.trivial is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                x = torch.cat([loader.trivial(part) for part in x.split(loader.trivial_group)])
+        yield (x.float() - loader.mean) / loader.std, loader.labels[idx]
+
+
+@pytest.mark.parametrize("trivial", [False, True])
+@pytest.mark.parametrize("pad, flip", [(4, True), (0, True), (4, False)])
+def test_epoch_plan_batches_are_bit_identical_to_per_batch_draws(trivial, pad, flip):
+    images = torch.randint(0, 255, (43, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    ds = D.ImageTensors(images, torch.arange(43), transform=None)
+    ds.epoch_seed = 11
+    aug = D.Augment(16, pad, flip, trivial, (0.5,) * 3, (0.25,) * 3)
+    for start, rank, drop_last in ((0, 0, False), (8, 1, False), (0, 1, True)):
+        sampler = L.EpochSampler(43, rank, 2)
+        sampler.set_epoch(11, start)
+        loader = L.DeviceLoader(ds, aug, 4, torch.device("cpu"), sampler, drop_last, rank=rank)
+        new, old = list(loader), list(_reference_batches(loader))
+        assert len(new) == len(old) == len(loader) and len(new[-1][1]) == (4 if drop_last else (21 - start) % 4 or 4)
+        for (x, y), (rx, ry) in zip(new, old):
+            assert torch.equal(x, rx) and torch.equal(y, ry)
+    plan = loader.epoch_plan()
+    assert plan.shape == (4, len(loader) * 4) and plan.dtype == torch.int64
+
+
+@pytest.mark.gpu
+def test_gpu_epoch_needs_no_host_sync_per_step():
+    """A few training steps of batched GPU data under sync debug mode "error": a step that waits on
+    the host (a blocking copy, .item(), a CPU-indexed gather) raises."""
+    dev = torch.device("cuda")
+    images = torch.randint(0, 255, (512, 3, 32, 32), dtype=torch.uint8)
+    ds = D.ImageTensors(images, torch.arange(512) % 10, transform=None)
+    ds.epoch_seed = 5
+    sampler = L.EpochSampler(512)
+    sampler.set_epoch(5)
+    loader = L.DeviceLoader(ds, D.augment_for("cifar10", False, True), 64, dev, sampler, True)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10)).to(dev)
+    model(torch.zeros(1, 3, 32, 32, device=dev))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step(x, y):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    it = iter(loader)
+    step(*next(it))  # the epoch plan (once per epoch) and the optimizer's state: before the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(x, y) for x, y in it]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(losses) == 7 and all(torch.isfinite(v) for v in losses)

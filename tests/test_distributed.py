@@ -53,7 +53,8 @@ RUNS = {
 }
 
 
-def torchrun(*flags, save_dir, wait=True):
+def torchrun(*flags, save_dir, wait=True, cwd=ROOT):
+    """torchrun with 2 processes on the CPU; `save_dir` None: the run's automatic folder in `cwd`."""
     cmd = [
         sys.executable,
         "-m",
@@ -63,24 +64,41 @@ def torchrun(*flags, save_dir, wait=True):
         os.path.join(ROOT, "main_imp_fillback.py"),
         *flags,
         *SMALL,
-        "--save_dir",
-        str(save_dir),
+        *(["--save_dir", str(save_dir)] if save_dir else []),
     ]
     if not wait:
         return subprocess.Popen(
-            cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+            cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
         )
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
 
 
 def digests(stdout: str, state: int) -> dict:
     return dict(re.findall(rf"rank (\d) state {state} mask digest (\S+)", stdout))
 
 
+def one_process_test_eval(ck: dict) -> dict:
+    """The test loss and accuracy of a saved model, evaluated in this one process."""
+    from models import create_model
+    from trainer import evaluate
+
+    data = load_splits("synthetic", "unused", False, 64)
+    model = create_model(ck["arch"], data.num_classes, data.img_size)
+    model.load_state_dict(ck["state_dict"])
+    cpu = torch.device("cpu")
+    _, _, test = L.build_loaders(data, "synthetic", False, cpu, L.EpochSampler(len(data.train)), 32, 64, 0)
+    return evaluate(model, test, cpu)
+
+
 @pytest.mark.parametrize("arch", list(RUNS))
 def test_torchrun_two_ranks_three_states_same_masks(tmp_path, arch):
-    p = torchrun(*RUNS[arch], save_dir=tmp_path)
+    """Also: the reported test accuracy is that of the saved (rank 0) model, BatchNorm statistics
+    included; the automatic run folder is rank 0's (one folder, in the launch directory)."""
+    p = torchrun(*RUNS[arch], save_dir=None, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
+    (run,) = os.listdir(tmp_path)
+    assert run.startswith("synthetic_rsst_output_rsst_" + arch)
+    tmp_path = tmp_path / run
     for state in range(3):
         d = digests(p.stdout, state)
         assert set(d) == {"0", "1"} and d["0"] == d["1"], (state, d)
@@ -88,6 +106,10 @@ def test_torchrun_two_ranks_three_states_same_masks(tmp_path, arch):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     ck = torch.load(os.path.join(tmp_path, "2checkpoint.pth.tar"), map_location="cpu", weights_only=True)
     assert ck["world"] == 2 and any(bool(m.any()) for m in ck["masks"]["penalty"].values())
+    if arch == "res20s":  # each rank's own BN statistics would give another loss
+        reported, alone = ck["state_progress"]["history"][-1], one_process_test_eval(ck)
+        assert alone["acc"] == reported["test_acc"] == ck["rows"][-1]["final_test_acc"]
+        assert abs(alone["loss"] - reported["test_loss"]) < 1e-5 * max(1.0, alone["loss"]), (alone, reported)
 
 
 def test_torchrun_killed_then_resumed_matches_uninterrupted(tmp_path):
@@ -208,3 +230,109 @@ def test_gpu_check_script_dry_run_passes():
     assert p.returncode == 0, p.stderr[-3000:]
     block = p.stdout[p.stdout.index("===== gpu_check") :]
     assert "pytest -m gpu: exit 0" in block and "images/s" in block and "compact" in block
+
+
+def test_batch_42_on_two_ranks_with_mixup_exits_2_one_line_from_rank_0(tmp_path):
+    """21 images per rank: mixup would be skipped on every step; refused before anything runs."""
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["--log-dir", str(logs), "--redirects", "3", os.path.join(ROOT, "main_imp_fillback.py")]
+    cmd += [*RUNS["vit_tiny"], *SMALL, "--batch_size", "42", "--save_dir", str(tmp_path / "run")]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    errs = {}
+    for rank in (0, 1):
+        (path,) = [os.path.join(r, "stderr.log") for r, _, fs in os.walk(logs) if r.endswith(f"/{rank}")]
+        errs[rank] = open(path).read()
+    lines = [line for line in errs[0].splitlines() if line.strip()]
+    assert len(lines) == 1 and "21 images per process is odd" in lines[0] and "multiple of 4" in lines[0], errs
+    assert errs[1].strip() == "" and not os.path.exists(tmp_path / "run")
+    codes = dict(re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*: (-?\d+)", p.stderr))
+    assert codes == {"0": "2", "1": "2"}, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "world, batch, mixup, fix",
+    [(1, 33, "0.8", "multiple of 2"), (2, 43, "0", "use 42 or 44"), (3, 128, "0", "use 126 or 129")],
+)
+def test_batch_rules_single_process_check(world, batch, mixup, fix):
+    import main_imp_fillback as mif
+
+    args = mif.parse_args(["--arch", "vit_tiny", "--batch_size", str(batch), "--mixup", mixup, "--cutmix", "0"])
+    with pytest.raises(mif.UsageError, match=fix) as e:
+        mif.check_batch(args, world)
+    assert e.value.every_rank and "\n" not in str(e.value)
+    args.batch_size = 4 * world
+    mif.check_batch(args, world)  # even per-rank batch: fine
+
+
+def test_odd_batch_with_mixup_single_process_exits_2(run_main):
+    rc, d, err = run_main("--arch", "vit_tiny", "--batch_size", "33")
+    assert rc == 2 and err.count("\n") == 1 and "33 images per process is odd" in err and "--mixup 0.8" in err
+    assert not os.path.exists(d)
+
+
+@pytest.mark.parametrize(
+    "capability, expected",
+    [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+)
+def test_amp_auto_is_bf16_only_where_native(monkeypatch, capability, expected):
+    """V100 (7.0) and T4 (7.5) emulate bf16 (is_bf16_supported says True): auto picks fp16 + scaling there."""
+    import trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    dev = torch.device("cuda", 0)
+    assert trainer.native_bf16(dev) == (expected == torch.bfloat16)
+    assert trainer.amp_dtype("auto", dev) == expected
+    assert trainer.amp_dtype("bf16", dev) == torch.bfloat16 and trainer.amp_dtype("off", dev) is None
+    assert not trainer.native_bf16(torch.device("cpu")) and trainer.amp_dtype("auto", torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not trainer.native_bf16(dev)
+
+
+@pytest.mark.parametrize("cpus, local_world, expected", [(64, 1, 8), (16, 2, 7), (16, 8, 1), (2, 1, 1), (1, 4, 1)])
+def test_folder_workers_default_follows_the_cpus_per_process(monkeypatch, cpus, local_world, expected):
+    import main_imp_fillback as mif
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    assert mif.default_workers() == expected
+    args = mif.parse_args(["--dataset", "folder", "--exp_name", "x"])
+    mif.resolve(args)
+    assert args.workers == expected
+    args = mif.parse_args(["--dataset", "synthetic", "--exp_name", "x"])
+    mif.resolve(args)
+    assert args.workers == 0
+
+
+def test_only_the_training_loader_keeps_its_workers():
+    data = load_splits("digits", "unused", strong=False)
+    train, val, test = L.build_loaders(
+        data, "digits", False, torch.device("cpu"), L.EpochSampler(len(data.train)), 16, 32, 2, batched=False
+    )
+    assert train.persistent_workers and not val.persistent_workers and not test.persistent_workers
+
+
+def test_single_process_cuda_n_sets_the_current_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: calls.append(dev))
+    assert D.select_device("cuda:1", D.Dist()) == torch.device("cuda", 1) and calls == [torch.device("cuda", 1)]
+    D.select_device("cpu", D.Dist())
+    D.select_device("cuda", D.Dist())  # no index: the current device stays
+    assert len(calls) == 1
+
+
+def test_run_name_and_folder_are_rank_0s(monkeypatch):
+    monkeypatch.setattr(D, "init_distributed", lambda device: D.Dist(1, 2, 1))
+    monkeypatch.setattr(D.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, ("rank0", "dir0")))
+    assert D.from_main(("rank1", "dir1"), "cpu") == ("rank0", "dir0")
+    monkeypatch.setattr(D, "init_distributed", lambda device: D.Dist())
+    assert D.from_main(("mine", "dir"), "cpu") == ("mine", "dir")
+
+
+def test_sync_bn_on_the_cpu_exits_2_with_one_line(run_main):
+    rc, d, err = run_main("--arch", "res20s", "--sync_bn")
+    assert rc == 2 and err.count("\n") == 1 and "--sync_bn: SyncBatchNorm needs CUDA" in err, err
+    assert not os.path.exists(d)

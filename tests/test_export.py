@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -221,8 +222,10 @@ def test_cli_failed_equivalence_exits_1_and_writes_nothing(tmp_path, monkeypatch
     assert not out.exists() and "differs" in capsys.readouterr().err
 
 
-def test_export_of_a_real_run_checkpoint(run_main, tmp_path):
-    """End to end: a res20s channel run on synthetic data, exported from its state-1 checkpoint."""
+@pytest.mark.slow
+def test_export_of_a_real_run_checkpoint(run_main, tmp_path, capsys):
+    """End to end: a res20s channel run on synthetic data, exported from its state-1 checkpoint; --eval
+    gives the masked model's test accuracy the run recorded, and the compact model's, equal to it."""
     rc, save_dir, err = run_main(
         "--arch", "res20s", "--struct", "refill", "--rate", "0.5", "--epochs", "1", "--pruning_times", "2"
     )
@@ -243,12 +246,25 @@ def test_export_of_a_real_run_checkpoint(run_main, tmp_path):
                 "1",
                 "--device",
                 "cpu",
+                "--eval",
             ]
         )
         == 0
     )
     ck = export.read_checkpoint(os.path.join(save_dir, "1checkpoint.pth.tar"))
     assert export.count_params(export.load_compact(str(out))) < export.count_params(export.masked_model(ck))
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("test accuracy on synthetic"))
+    masked, compact = (float(line.split(f"{m} ")[1].split(" %")[0]) for m in ("masked", "compact"))
+    with open(os.path.join(save_dir, "summary.json")) as f:
+        recorded = json.load(f)[1]["final_test_acc"]
+    assert masked == compact == pytest.approx(recorded, abs=0.01) and line.endswith("differ: 0")
+
+
+def test_eval_needs_the_runs_config(tmp_path, capsys):
+    torch.save(channel_checkpoint(), tmp_path / "ck.pth.tar")
+    assert export.main(["--checkpoint", str(tmp_path / "ck.pth.tar"), "--out", str(tmp_path / "c.pt"), "--eval"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no run config" in err and not (tmp_path / "c.pt").exists()
 
 
 def test_warns_when_a_checkpoint_is_denser_than_its_states_target(tmp_path):

@@ -95,7 +95,7 @@ def test_persistent_workers_follow_each_epochs_seed(tree):
     for workers in (0, 1):
         ds = D.FileImages(files, FD.folder_transforms(32, True, True))
         sampler = L.EpochSampler(len(ds))
-        loader = L.make_loader(ds, 8, workers, sampler)
+        loader = L.make_loader(ds, 8, workers, sampler, persistent=True)
         assert loader.persistent_workers == (workers > 0)
         runs[workers] = []
         for seed in (5, 6):
@@ -358,3 +358,48 @@ def test_vit_pretrained_fits_hub_weights_without_the_hub(monkeypatch):
         "classifier 'head' re-initialized",
         "pos_embed resampled from 196 to 16 patches",
     ]
+
+
+# ------------------------------------------------------------------- unreadable images
+def corrupt(path):
+    with open(path, "wb") as f:
+        f.write(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
+
+
+def test_an_unreadable_image_is_replaced_by_the_next_readable_one(tmp_path, capsys):
+    root = write_tree(tmp_path, {"train": 10, "val": 2}, classes=2)
+    corrupt(os.path.join(root, "val", "class00", "01.jpg"))  # test split: class00/00, 01, class01/00, 01
+    data = D.load_splits("folder", root, strong=False, img_size=32)
+    test = data.test
+    assert torch.equal(test[1][0], test[2][0]) and test[1][1] == 1  # image 2 (class01) stands in for image 1
+    assert test.files.unreadable.tolist() == [0, 1, 0, 0]
+    assert torch.equal(test[1][0], test[2][0])
+    err = capsys.readouterr().err
+    assert err.count("warning: unreadable image") == 1 and "class00/01.jpg" in err  # once, named
+    loader = L.make_loader(test, 3, 1)  # in a worker: the flag reaches this process
+    test.files.unreadable.zero_()
+    assert [len(y) for _, y in loader] == [3, 1] and test.files.unreadable.tolist() == [0, 1, 0, 0]
+
+
+def test_folder_with_a_corrupt_png_trains_to_the_end(run_main, tmp_path):
+    root = write_tree(tmp_path / "data", {"train": 10, "val": 2}, classes=3)
+    corrupt(os.path.join(root, "train", "class01", "corrupt.png"))
+    flags = ["--dataset", "folder", "--data", root, "--arch", "res20s", "--img_size", "32", "--batch_size", "8"]
+    rc, d, err = run_main(*flags, "--pruning_times", "2", "--epochs", "1", *BASE, small=False)
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if "warning: unreadable image" in line]
+    assert len(warnings) == 1 and "corrupt.png" in warnings[0], err
+    rows = open(os.path.join(d, "summary.csv")).read().splitlines()
+    col = rows[0].split(",").index("unreadable_images")
+    assert [r.split(",")[col] for r in rows[1:]] == ["1", "1"]
+
+
+def test_more_than_one_percent_unreadable_exits_2(run_main, tmp_path):
+    root = write_tree(tmp_path / "data", {"train": 10, "val": 2}, classes=3)
+    for c in (0, 2):
+        corrupt(os.path.join(root, "val", f"class{c:02d}", "00.jpg"))  # 2 of the 6 test images
+    flags = ["--dataset", "folder", "--data", root, "--arch", "res20s", "--img_size", "32", "--batch_size", "8"]
+    rc, d, err = run_main(*flags, "--pruning_times", "1", "--epochs", "1", *BASE, small=False)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "2 of the 6 test images are unreadable" in errors[0], err
+    assert "Traceback" not in err

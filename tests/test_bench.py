@@ -1,0 +1,42 @@
+"""bench/bench_rsst.py: --methods that leave out the state-0 base method still run that base first."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import bench_rsst  # noqa: E402
+
+
+class Started(Exception):
+    pass
+
+
+def started_runs(monkeypatch, tmp_path, *argv):
+    """The runs main() hands to run_all (nothing is trained), as (save dir relative to --out, states)."""
+    seen = {}
+
+    def fake_run_all(items, jobs, states_of):
+        seen.update({os.path.relpath(it["save"], tmp_path): states_of[it["save"]] for it in items})
+        assert all(it["base"] is None or it["base"] in states_of for it in items)  # every base is run too
+        raise Started
+
+    monkeypatch.setattr(bench_rsst, "run_all", fake_run_all)
+    monkeypatch.setattr(sys, "argv", ["bench_rsst.py", *argv, "--out", str(tmp_path), "--no_record"])
+    with pytest.raises(Started):
+        bench_rsst.main()
+    return seen
+
+
+def test_methods_without_the_base_method_run_the_base(monkeypatch, tmp_path):
+    argv = ["--groups", "res20s", "--methods", "Refill", "RSST calibrated", "--seeds", "4", "5"]
+    runs = started_runs(monkeypatch, tmp_path, *argv)
+    expected = {f"res20s/{m}_seed{s}" for m in ("imp_unstructured", "refill", "rsst_calibrated") for s in (4, 5)}
+    assert set(runs) == expected and set(runs.values()) == {5}
+
+
+def test_an_ablation_alone_runs_its_base_groups_base(monkeypatch, tmp_path):
+    runs = started_runs(monkeypatch, tmp_path, "--groups", "vit_ablation", "--methods", "schedule x")
+    assert runs == {"vit/refill_seed1": 3, "vit_ablation/schedule_x_seed1": 3}
