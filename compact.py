@@ -178,6 +178,10 @@ def compact_state(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple[dic
         return _compact_vit(model, masks, sd), sd
     if hasattr(model, "channel_chains"):
         return _compact_cnn(model, masks, sd), sd
+    if hasattr(model, "mamba_layout"):
+        from compact_mamba import compact_mamba
+
+        return compact_mamba(model, masks, sd, {}), sd
     raise CompactError(f"{type(model).__name__}: no ViT block layout or CNN channel chains to compact")
 
 
@@ -240,6 +244,11 @@ def build_compact(artifact: dict) -> nn.Module:
         artifact["arch"], artifact["num_classes"], artifact["img_size"], **artifact.get("model_kwargs", {})
     )
     desc = artifact["compact"]
-    (_resize_vit if desc["family"] == "vit" else _resize_cnn)(model, desc)
+    if desc["family"] == "mamba":
+        from compact_mamba import resize_mamba
+
+        resize_mamba(model, desc)
+    else:
+        (_resize_vit if desc["family"] == "vit" else _resize_cnn)(model, desc)
     model.load_state_dict(artifact["state_dict"])
     return model.eval()

@@ -288,6 +288,14 @@ def describe(desc: dict, model: nn.Module) -> str:
             + "\nMLP neurons kept per block: "
             + " ".join(f"{n}/{hidden}" for n in desc["mlp_hidden"])
         )
+    if desc["family"] == "mamba":
+        inner, hidden = model.blocks[0].mixer.d_inner, model.blocks[0].mlp.fc1.out_features
+        return (
+            "SSM inner channels kept per block: "
+            + " ".join(f"{c}/{inner}" for c in desc["d_inner"])
+            + "\nMLP neurons kept per block: "
+            + " ".join(f"{n}/{hidden}" for n in desc["mlp_hidden"])
+        )
     mods = dict(model.named_modules())
     kept = " ".join(f"{n}:{c}/{mods[n].out_channels}" for n, c in desc["channels"].items()) or "none removed"
     return (

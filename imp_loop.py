@@ -48,8 +48,9 @@ from distributed import (
 )
 from errors import DataError, UsageError
 from loaders import EpochSampler, build_loaders, calibration_batches
+from mamba_pruning_utils import mamba_unit_groups
 from mask_plots import load_state_masks, plot_masks, unit_kinds
-from models import create_model, input_norm, is_vit
+from models import create_model, input_norm, is_mamba, is_vit
 from reporting import Logger, plot_state_progress, plot_summary, state_row, write_summary
 from rsst import RSSTPenalty, describe_plan, norm_penalty, plan_penalty
 from trainer import (
@@ -102,9 +103,9 @@ class IMPRun:
                 f"--sync_bn: SyncBatchNorm needs CUDA GPUs, and this run is on {self.device.type}; leave out --sync_bn",
                 every_rank=True,
             )
-        self.vit = is_vit(args.arch)
+        self.vit, self.mamba = is_vit(args.arch), is_mamba(args.arch)
         seed_all(args.seed)
-        strong = self.vit and args.augment == "recipe"  # TrivialAugment: the ViT recipe
+        strong = (self.vit or self.mamba) and args.augment == "recipe"  # TrivialAugment: the ViT recipe
         try:  # a timm:NAME unknown to timm stops here, before the data loads
             norm = input_norm(args.arch)  # (mean, std) of its timm weights, for image folders
         except ValueError as e:
@@ -116,7 +117,7 @@ class IMPRun:
         except ValueError as e:  # an arch the ViT regroup cannot handle
             raise UsageError(str(e)) from None
         forced = os.environ.get("RSST_FORCE_GPU_PATHS") == "1"  # tests: a CUDA run's branches on the CPU
-        if (self.device.type == "cuda" or forced) and not self.vit:  # faster convs under autocast
+        if (self.device.type == "cuda" or forced) and not (self.vit or self.mamba):  # faster convs under autocast
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp = amp_dtype(args.amp, self.device, force_cpu=forced)
         self.weights = pu.prunable_weights(self.model)
@@ -162,6 +163,8 @@ class IMPRun:
             return []
         if self.vit:
             return vit_unit_groups(self.model, self.args.vit_prune_target) if self.args.vit_structured else []
+        if self.mamba:
+            return mamba_unit_groups(self.model, self.args.mamba_prune_target)
         return pu.channel_groups(self.model)
 
     def save(self, obj: dict, name: str) -> None:
@@ -175,14 +178,14 @@ class IMPRun:
 
     # ---- masks
     def set_ticket(self, ticket: Ticket) -> None:
-        """Adopt `ticket`; its hard mask, plus the BN entries of the channels it drops, is what
+        """Adopt `ticket`; its hard mask, plus the BN entries and extras of the units it drops, is what
         `apply_hard` zeroes after every step."""
         self.ticket = ticket
         self.set_hard(ticket.hard)
 
     def set_hard(self, hard: pu.Masks) -> None:
         self.ticket.hard = hard
-        norms = pu.dead_norm_masks(self.report.get("channels", []), self.modules, hard)
+        norms = pu.dead_norm_masks([g for gs in self.report.values() for g in gs], self.modules, hard)
         self.mask_tensors = [self.weights[n] for n in hard] + [t for t, _ in norms]
         self.mask_values = [pu.mask_like(hard[n], self.weights[n]) for n in hard] + [m for _, m in norms]
 
@@ -231,10 +234,11 @@ class IMPRun:
         )
         if self.vit and any(r["kind"] == "head" for r in reports):
             self.say(head_report(self.model, reports))
-        for kind in ("channel", "neuron"):
+        for kind in dict.fromkeys(r["kind"] for r in reports if r["kind"] != "head"):  # channel, inner, neuron
             rs = [r for r in reports if r["kind"] == kind]
             if rs:
-                self.say(f"  {kind}s kept per layer: " + " ".join(f"{r['kept']}/{r['num_units']}" for r in rs))
+                label = {"inner": "inner channel"}.get(kind, kind)
+                self.say(f"  {label}s kept per layer: " + " ".join(f"{r['kept']}/{r['num_units']}" for r in rs))
 
     # ---- one state
     def new_penalty(self, step: int = 0, last_lambda: float = 0.0) -> RSSTPenalty:

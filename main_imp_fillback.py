@@ -18,7 +18,7 @@ import shlex
 import sys
 
 from errors import UsageError
-from models import ARCH_CHOICES, is_vit
+from models import ARCH_CHOICES, is_mamba, is_vit
 from run_config import HelpFormatter, config_tokens, finite, given_flags
 
 # The choices of the command line, kept here so a typo is reported before torch loads;
@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=VIT_TARGETS,
         help="unit kinds regrouped with --vit_structured (default: head)",
     )
+    g = p.add_argument_group("Mamba")
+    g.add_argument(
+        "--mamba_prune_target",
+        default=None,
+        choices=("ssm", "mlp", "both"),
+        help="Mamba units regrouped: SSM inner channels (ssm), MLP neurons (mlp) or both (default: both)",
+    )
     g = p.add_argument_group("Output")
     g.add_argument("--save_dir", default=None, help="output folder (default: {dataset}_{struct}_output_{run name})")
     g.add_argument("--exp_name", default=None, help="run name (default: auto)")
@@ -228,6 +235,10 @@ def validate(args: argparse.Namespace) -> None:
         (
             a.vit_prune_target is None or a.vit_structured,
             f"--vit_prune_target {a.vit_prune_target}: needs --vit_structured (and a ViT arch)",
+        ),
+        (
+            a.mamba_prune_target is None or is_mamba(a.arch),
+            f"--mamba_prune_target {a.mamba_prune_target}: needs a Mamba arch (got --arch {a.arch})",
         ),
         (
             a.prune_type != "pt" or a.pretrained or a.pretrained_file,
@@ -308,9 +319,11 @@ def resolve(args: argparse.Namespace) -> None:
     from reporting import auto_run_name
     from trainer import fill_recipe
 
-    fill_recipe(args, is_vit(args.arch))
+    fill_recipe(args, is_vit(args.arch) or is_mamba(args.arch))  # Mamba trains with the ViT recipe
     if args.vit_structured and args.vit_prune_target is None:
         args.vit_prune_target = "head"
+    if is_mamba(args.arch) and args.mamba_prune_target is None:
+        args.mamba_prune_target = "both"
     if args.workers is None:
         args.workers = 0 if args.dataset in ("digits", "synthetic", "cifar10", "cifar100") else default_workers()
     if args.exp_name is None:

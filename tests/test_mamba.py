@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -282,3 +283,70 @@ def test_compact_model_equals_masked_model(direction):
 def test_full_size_mamba_parameter_counts():
     n = sum(p.numel() for p in create_model("mamba_tiny", 10, 32).parameters())
     assert math.isclose(n, 1.769e6, rel_tol=0.01), n
+
+
+# ------------------------------------------------------------------ end-to-end runs
+def _shallow_create(name, num_classes, img_size=None, **kw):
+    """create_model with Mambas cut to depth 2 (the runs then take seconds)."""
+    return create_model(name, num_classes, img_size, **({"depth": 2} if name.startswith("mamba_") else {}), **kw)
+
+
+@pytest.fixture
+def shallow_mamba(monkeypatch):
+    import compact
+    import export
+    import imp_loop
+
+    for module in (imp_loop, export, compact):
+        monkeypatch.setattr(module, "create_model", _shallow_create)
+
+
+def _load(save_dir, state):
+    path = os.path.join(save_dir, f"{state}checkpoint.pth.tar")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("struct", ["refill", "rsst"])
+def test_mamba_runs_drop_whole_channels_and_neurons(run_main, shallow_mamba, tmp_path, struct):
+    """mamba_tiny (depth 2), 3 states at rate 0.3 on synthetic data: at state 2 whole inner
+    channels (in_proj x and z rows, out_proj column, conv1d, A_log, D of both directions: all
+    zero) and whole MLP neurons are dropped; the Refill ticket exports smaller and equal."""
+    import export
+
+    flags = ("--arch", "mamba_tiny", "--struct", struct, "--rate", "0.3", "--pruning_times", "3", "--epochs", "1")
+    rc, d, err = run_main(*flags)
+    assert rc == 0, err
+    model = _shallow_create("mamba_tiny", 10, 32)
+    groups = mamba_unit_groups(model, "both")
+    previous = None
+    for k in range(3):
+        ck = _load(d, k)
+        hard = {n: m.float() for n, m in ck["masks"]["hard"].items()}
+        assert pu.units_all_or_nothing(groups, hard)
+        if previous is not None:
+            assert all(bool((hard[n] <= previous[n]).all()) for n in hard)
+        previous = hard
+    model.load_state_dict(ck["state_dict"])
+    dropped = {"inner": 0, "neuron": 0}
+    for g, kept in zip(groups, pu.units_kept(groups, hard)):
+        dropped[g.kind] += g.num_units - kept
+    assert dropped["inner"] > 0 and dropped["neuron"] > 0, dropped
+    for blk, g in enumerate(g for g in groups if g.kind == "inner"):
+        for c in (~pu.unit_alive(g, hard)).nonzero().flatten().tolist():
+            assert all(not bool(t.any()) for t in channel_params(model, blk, c)), (blk, c)
+    if struct == "refill":
+        out = tmp_path / "compact.pt"
+        argv = ["--checkpoint", os.path.join(d, "2checkpoint.pth.tar"), "--out", str(out), "--batch", "4"]
+        assert export.main(argv + ["--warmup", "0", "--repeats", "1", "--device", "cpu"]) == 0
+        compact_model = export.load_compact(str(out))
+        masked = export.masked_model(export.read_checkpoint(os.path.join(d, "2checkpoint.pth.tar")))
+        assert export.count_params(compact_model) < export.count_params(masked)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert rel(compact_model(x), masked(x)) <= 1e-4
+
+
+def test_mamba_prune_target_needs_a_mamba_arch(run_main):
+    rc, _, err = run_main("--arch", "res20s", "--mamba_prune_target", "ssm")
+    assert rc == 2 and "--mamba_prune_target ssm: needs a Mamba arch" in err
