@@ -113,7 +113,9 @@ class IMPRun:
         with rank_zero_first(self.dist):  # one download, then every rank reads it
             self.data = load_splits(args.dataset, args.data, strong, args.synthetic_size, args.img_size, norm)
         try:
-            self.model = create_model(args.arch, self.data.num_classes, self.data.img_size).to(self.device)
+            self.model_kwargs = {"depth": args.depth} if getattr(args, "depth", None) else {}
+            model = create_model(args.arch, self.data.num_classes, self.data.img_size, **self.model_kwargs)
+            self.model = model.to(self.device)
         except ValueError as e:  # an arch the ViT regroup cannot handle
             raise UsageError(str(e)) from None
         forced = os.environ.get("RSST_FORCE_GPU_PATHS") == "1"  # tests: a CUDA run's branches on the CPU
@@ -563,6 +565,7 @@ class IMPRun:
             "dataset": self.args.dataset,
             "num_classes": self.data.num_classes,
             "img_size": self.data.img_size,
+            "model_kwargs": self.model_kwargs,
             "config": dict(vars(self.args)),
             "state_dict": self.model.state_dict(),
             "world": self.dist.world,

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("Model")
     g.add_argument("--arch", default="res20s", choices=ARCH_CHOICES, help="model (timm:NAME: a timm ViT)")
+    g.add_argument("--depth", type=int, default=None, help="blocks of a ViT or Mamba arch (default: the arch's)")
     g.add_argument("--init", default=None, help="init weights file (default: create init.pth.tar in the save dir)")
     g.add_argument(
         "--vit_pretrained", action="store_true", help="start ViTs from timm ImageNet weights (needs network)"
@@ -235,6 +236,10 @@ def validate(args: argparse.Namespace) -> None:
         (
             a.vit_prune_target is None or a.vit_structured,
             f"--vit_prune_target {a.vit_prune_target}: needs --vit_structured (and a ViT arch)",
+        ),
+        (
+            a.depth is None or (a.depth >= 1 and (is_vit(a.arch) or is_mamba(a.arch))),
+            f"--depth {a.depth}: needs a ViT or Mamba arch and must be >= 1",
         ),
         (
             a.mamba_prune_target is None or is_mamba(a.arch),

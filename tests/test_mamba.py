@@ -286,21 +286,6 @@ def test_full_size_mamba_parameter_counts():
 
 
 # ------------------------------------------------------------------ end-to-end runs
-def _shallow_create(name, num_classes, img_size=None, **kw):
-    """create_model with Mambas cut to depth 2 (the runs then take seconds)."""
-    return create_model(name, num_classes, img_size, **({"depth": 2} if name.startswith("mamba_") else {}), **kw)
-
-
-@pytest.fixture
-def shallow_mamba(monkeypatch):
-    import compact
-    import export
-    import imp_loop
-
-    for module in (imp_loop, export, compact):
-        monkeypatch.setattr(module, "create_model", _shallow_create)
-
-
 def _load(save_dir, state):
     path = os.path.join(save_dir, f"{state}checkpoint.pth.tar")
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -308,16 +293,16 @@ def _load(save_dir, state):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("struct", ["refill", "rsst"])
-def test_mamba_runs_drop_whole_channels_and_neurons(run_main, shallow_mamba, tmp_path, struct):
+def test_mamba_runs_drop_whole_channels_and_neurons(run_main, tmp_path, struct):
     """mamba_tiny (depth 2), 3 states at rate 0.3 on synthetic data: at state 2 whole inner
     channels (in_proj x and z rows, out_proj column, conv1d, A_log, D of both directions: all
     zero) and whole MLP neurons are dropped; the Refill ticket exports smaller and equal."""
     import export
 
-    flags = ("--arch", "mamba_tiny", "--struct", struct, "--rate", "0.3", "--pruning_times", "3", "--epochs", "1")
-    rc, d, err = run_main(*flags)
+    flags = ("--arch", "mamba_tiny", "--depth", "2", "--struct", struct, "--rate", "0.3", "--pruning_times", "3")
+    rc, d, err = run_main(*flags, "--epochs", "1")
     assert rc == 0, err
-    model = _shallow_create("mamba_tiny", 10, 32)
+    model = create_model("mamba_tiny", 10, 32, depth=2)
     groups = mamba_unit_groups(model, "both")
     previous = None
     for k in range(3):
@@ -347,6 +332,8 @@ def test_mamba_runs_drop_whole_channels_and_neurons(run_main, shallow_mamba, tmp
             assert rel(compact_model(x), masked(x)) <= 1e-4
 
 
-def test_mamba_prune_target_needs_a_mamba_arch(run_main):
+def test_mamba_flags_need_their_arch(run_main):
     rc, _, err = run_main("--arch", "res20s", "--mamba_prune_target", "ssm")
     assert rc == 2 and "--mamba_prune_target ssm: needs a Mamba arch" in err
+    rc, _, err = run_main("--arch", "res20s", "--depth", "2")
+    assert rc == 2 and "--depth 2: needs a ViT or Mamba arch" in err
