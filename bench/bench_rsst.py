@@ -49,6 +49,8 @@ VIT = [
     "--batch_size",
     "32",
 ]
+MAMBA = ["--depth", "2", "--rate", "0.3", "--pruning_times", "3", "--epochs", "3", "--augment", "light"]
+MAMBA += ["--batch_size", "32"]  # mamba_tiny's width, d_state and MLP at depth 2: ~0.3 M parameters, CPU minutes
 GROUPS = {
     "res20s": {
         "flags": CNN,
@@ -66,6 +68,20 @@ GROUPS = {
             "RSST calibrated": ["--struct", "rsst"],
             "RSST raw": ["--struct", "rsst", "--reg_mode", "raw"],
         },
+    },
+    "mamba": {
+        "flags": ["--arch", "mamba_tiny", *MAMBA],
+        "methods": {
+            "Refill": ["--struct", "refill"],
+            "RSST calibrated": ["--struct", "rsst"],
+            "IMP unstructured": ["--struct", "rsst", "--unstructured"],
+        },
+        "seeds": [1, 2],
+    },
+    "mamba_vit_dense": {  # the dense reference at a similar parameter count (vit_tiny at depth 1: ~0.3 M)
+        "flags": ["--arch", "vit_tiny", "--depth", "1", "--pruning_times", "1", *MAMBA[6:]],
+        "methods": {"vit_tiny dense": ["--struct", "refill"]},
+        "seeds": [1, 2],
     },
     "ablation": {  # --reg_end on res20s RSST calibrated, seed 1 (0.5 is the res20s group's run)
         "flags": CNN,
