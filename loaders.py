@@ -163,7 +163,7 @@ class DeviceLoader:
         order = order[: len(self) * self.batch_size]
         plan = torch.zeros(4, len(order), dtype=torch.int64)
         plan[0] = order
-        for b in range(len(self)):
+        for b in range(len(self) if self.aug.pad or self.aug.flip else 0):  # evaluation: no draws
             lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, len(order))
             oy, ox, mirror = crop_flip_params(
                 hi - lo, self.aug.pad, self.aug.flip, torch.Generator().manual_seed(self.batch_seed(b))

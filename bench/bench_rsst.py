@@ -9,6 +9,10 @@ At the end it appends mean +- std of each state's ticket accuracy (and RSST's no
 soft - hard gap at removal) to bench/RESULTS.md and draws compare.py pictures of seed 1.
 
     python bench/bench_rsst.py [--groups res20s vit ablation] [--seeds 1 2 3] [--methods NAME ...] [--jobs 2]
+
+`--deadline S` stops it after S seconds (running runs get SIGTERM and checkpoint; tables printed, not
+recorded; exit 3; a rerun continues);
+`--tag T` marks the recorded tables and compare.py pictures (bench/gpu_science.sh: the GPU runs).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -196,11 +201,21 @@ def ready(item: dict) -> bool:
     return item["base"] is None or os.path.isfile(os.path.join(item["base"], "0checkpoint.pth.tar"))
 
 
-def run_all(items: list[dict], jobs: int, states_of: dict) -> None:
-    """Run the unfinished ones, `jobs` at a time (a clone once its base has state 0)."""
+def run_all(items: list[dict], jobs: int, states_of: dict, deadline: float | None = None) -> bool:
+    """Run the unfinished ones, `jobs` at a time (a clone once its base has state 0), until
+    `deadline` (time.time()): then the running ones are stopped with SIGTERM (they checkpoint) and
+    the result is False."""
     todo = list({it["save"]: it for it in items if not finished(it["save"], states_of[it["save"]])}.values())
     running = []
     while todo or running:
+        if deadline is not None and time.time() > deadline:
+            for _, proc, _, _ in running:
+                proc.send_signal(signal.SIGTERM)
+            for _, proc, _, log in running:
+                proc.wait()
+                log.close()
+            print(f"deadline: {len(running)} runs stopped, {len(todo)} not started; rerun the same command to continue")
+            return False
         for item in [it for it in todo if ready(it)][: max(0, jobs - len(running))]:
             todo.remove(item)
             os.makedirs(os.path.dirname(item["save"]), exist_ok=True)
@@ -216,6 +231,7 @@ def run_all(items: list[dict], jobs: int, states_of: dict) -> None:
                 print(f"finished {save}: exit {proc.returncode}, {time.time() - t0:.0f} s", flush=True)
         if todo and not running and not any(ready(it) for it in todo):
             raise SystemExit("a base run failed before its state 0: see its .log")
+    return True
 
 
 def mean_std(values: list[float]) -> str:
@@ -284,6 +300,8 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_rsst"))
     p.add_argument("--no_record", action="store_true", help="print the tables, do not append them to RESULTS.md")
     p.add_argument("--report", action="store_true", help="start no run: tables of the finished ones only")
+    p.add_argument("--deadline", type=float, help="seconds: then stop the runs (they checkpoint) and report")
+    p.add_argument("--tag", default="", help="appended to the recorded titles and the compare.py folders")
     a = p.parse_args()
     apply_threads(1)  # the runs use --threads 1; the recorded machine line says so
     items, states_of = [], {}
@@ -294,9 +312,11 @@ def main() -> int:
                 continue
             states_of[item["save"]] = states
             items.append((group, item))
-    if not a.report:
-        runs = with_bases(items, a.out)  # a base run the --methods left out still trains the shared state 0
-        run_all([it for _, it in runs], a.jobs, {it["save"]: states_in(g) for g, it in runs})
+    runs = with_bases(items, a.out)  # a base run the --methods left out still trains the shared state 0
+    deadline = a.deadline and time.time() + a.deadline
+    complete = a.report or run_all(
+        [it for _, it in runs], a.jobs, {it["save"]: states_in(g) for g, it in runs}, deadline
+    )
     for group in a.groups:
         group_items = [it for g, it in items if g == group]
         states = states_of[group_items[0]["save"]]
@@ -321,9 +341,11 @@ def main() -> int:
             f"{train_s / 60:.0f} min (the runs shared the cores with other work at times).",
         ]
         print("\n".join(lines))
-        if not a.no_record:
+        if not a.no_record and complete:  # a deadline's partial tables are printed, not recorded
             record(
-                f"RSST vs Refill on digits: {group}", "python bench/bench_rsst.py " + shlex.join(sys.argv[1:]), lines
+                f"RSST vs Refill on digits: {group}{f' ({a.tag})' if a.tag else ''}",
+                "python bench/bench_rsst.py " + shlex.join(sys.argv[1:]),
+                lines,
             )
         seed1 = [
             os.path.relpath(it["save"], ROOT)
@@ -332,11 +354,17 @@ def main() -> int:
         ]
         if len(seed1) > 1:
             subprocess.run(
-                [sys.executable, "compare.py", *seed1, "--out", os.path.join("results", f"digits_{group}")],
+                [
+                    sys.executable,
+                    "compare.py",
+                    *seed1,
+                    "--out",
+                    os.path.join("results", f"digits_{group}{a.tag and '_' + a.tag}"),
+                ],
                 cwd=ROOT,
                 check=False,
             )
-    return 0
+    return 0 if complete else 3
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def started_runs(monkeypatch, tmp_path, *argv):
     """The runs main() hands to run_all (nothing is trained), as (save dir relative to --out, states)."""
     seen = {}
 
-    def fake_run_all(items, jobs, states_of):
+    def fake_run_all(items, jobs, states_of, deadline=None):
         seen.update({os.path.relpath(it["save"], tmp_path): states_of[it["save"]] for it in items})
         assert all(it["base"] is None or it["base"] in states_of for it in items)  # every base is run too
         raise Started

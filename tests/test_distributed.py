@@ -218,11 +218,13 @@ def test_rank_zero_loads_data_first(monkeypatch):
     assert events == ["load"]
 
 
-def test_gpu_check_script_dry_run_passes():
+@pytest.mark.slow
+def test_gpu_check_script_dry_run_passes(tmp_path):
+    out = tmp_path / "gpu_check"
     p = subprocess.run(
         ["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run"],
         cwd=ROOT,
-        env={**ENV, "PYTHON": sys.executable},
+        env={**ENV, "PYTHON": sys.executable, "OUT": str(out)},
         capture_output=True,
         text=True,
         timeout=900,
@@ -230,6 +232,11 @@ def test_gpu_check_script_dry_run_passes():
     assert p.returncode == 0, p.stderr[-3000:]
     block = p.stdout[p.stdout.index("===== gpu_check") :]
     assert "pytest -m gpu: exit 0" in block and "images/s" in block and "compact" in block
+    for step in ("vit", "res20s", "compiled"):
+        assert f"{step:9s} exit 0" in block, block
+    assert "export: exit 0" in block and str(out) in block
+    assert {"pytest.log", "vit.log", "res20s.log", "export.log", "compile.log"} <= set(os.listdir(out))
+    assert all(re.search(rf"== step {k}: .*\(~[\d.]+ (min|s)\)", p.stderr) for k in range(1, 6)), p.stderr
 
 
 def test_batch_42_on_two_ranks_with_mixup_exits_2_one_line_from_rank_0(tmp_path):
@@ -336,3 +343,20 @@ def test_sync_bn_on_the_cpu_exits_2_with_one_line(run_main):
     rc, d, err = run_main("--arch", "res20s", "--sync_bn")
     assert rc == 2 and err.count("\n") == 1 and "--sync_bn: SyncBatchNorm needs CUDA" in err, err
     assert not os.path.exists(d)
+
+
+def test_gpu_science_script_dry_run_checks_its_plan(tmp_path):
+    results = open(os.path.join(ROOT, "bench", "RESULTS.md")).read()
+    p = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "gpu_science.sh"), "--dry-run"],
+        cwd=ROOT,
+        env={**ENV, "PYTHON": sys.executable, "OUT": str(tmp_path / "science")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "--seeds 1 2 3 4 5" in p.stderr and "--deadline 290" in p.stderr
+    assert p.stdout.count("| method | seeds | state 0 | state 1 | state 2 |") == 2  # vit and vit_ablation
+    assert "RSST calibrated: `--struct rsst`" in p.stdout and "reg_end 0.3: `--struct rsst --reg_end 0.3`" in p.stdout
+    assert open(os.path.join(ROOT, "bench", "RESULTS.md")).read() == results  # a dry run records nothing
