@@ -45,9 +45,10 @@ from distributed import (
     wrap_for_training,
 )
 from errors import UsageError
+from families import family_of
 from loaders import EpochSampler, build_loaders, calibration_batches
-from mask_plots import load_state_masks, plot_masks, unit_kinds
-from models import create_model, input_norm, is_vit
+from mask_plots import load_state_masks, plot_masks
+from models import create_model, input_norm
 from reporting import Logger, plot_state_progress, plot_summary, state_row, write_summary
 from rsst import RSSTPenalty, describe_plan, norm_penalty, plan_penalty
 from trainer import (
@@ -60,7 +61,7 @@ from trainer import (
     parse_milestones,
     train_one_epoch,
 )
-from vit_pruning_utils import head_report, vit_unit_groups
+from vit_pruning_utils import head_report
 
 
 @dataclass
@@ -95,9 +96,9 @@ class IMPRun:
         if resume_ck is not None:
             check_resume_processes(resume_ck, self.dist.world, args.save_dir)
         self.device = select_device(args.device, self.dist, args.deterministic)
-        self.vit = is_vit(args.arch)
+        self.family = family = family_of(args.arch)
         seed_all(args.seed)
-        strong = self.vit and args.augment == "recipe"  # TrivialAugment: the ViT recipe
+        strong = family.strong_augment and args.augment == "recipe"  # TrivialAugment: the ViT recipe
         try:  # a timm:NAME unknown to timm stops here, before the data loads
             norm = input_norm(args.arch)  # (mean, std) of its timm weights, for image folders
         except ValueError as e:
@@ -109,13 +110,13 @@ class IMPRun:
         except ValueError as e:  # an arch the ViT regroup cannot handle
             raise UsageError(str(e)) from None
         forced = os.environ.get("RSST_FORCE_GPU_PATHS") == "1"  # tests: a CUDA run's branches on the CPU
-        if (self.device.type == "cuda" or forced) and not self.vit:  # faster convs under autocast
+        if (self.device.type == "cuda" or forced) and family.channels_last:  # faster convs under autocast
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp = amp_dtype(args.amp, self.device, force_cpu=forced)
         self.weights = pu.prunable_weights(self.model)
         self.modules = dict(self.model.named_modules())
-        self.groups = self._regroup_groups()
-        self.report = unit_kinds(self.model)
+        self.groups = family.unit_groups(self.model, args) if family.regroups(args) else []
+        self.report = family.unit_kinds(self.model)
         self.state_masks: list[dict] = []  # each finished state's hard mask, for masks.png
         self.sampler = EpochSampler(len(self.data.train), self.dist.rank, self.dist.world)
         self.train_batch = max(1, args.batch_size // self.dist.world)
@@ -147,13 +148,6 @@ class IMPRun:
         )
 
     # ---- setup
-    def _regroup_groups(self) -> list[pu.UnitGroup]:
-        if self.args.unstructured:
-            return []
-        if self.vit:
-            return vit_unit_groups(self.model, self.args.vit_prune_target) if self.args.vit_structured else []
-        return pu.channel_groups(self.model)
-
     def save(self, obj: dict, name: str) -> None:
         """Write a file of the run (rank 0 only), atomically."""
         if self.dist.is_main:
@@ -219,7 +213,7 @@ class IMPRun:
         self.say(
             f"regroup: criteria {a.criteria}, prune ratio {a.rate}, mode {a.sorting_mode}, fillback {a.fillback_rate}"
         )
-        if self.vit and any(r["kind"] == "head" for r in reports):
+        if any(r["kind"] == "head" for r in reports):
             self.say(head_report(self.model, reports))
         for kind in ("channel", "neuron"):
             rs = [r for r in reports if r["kind"] == kind]
