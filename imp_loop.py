@@ -31,6 +31,7 @@ from checkpoints import (
     seed_all,
     set_rng_states,
 )
+from compact_train import CompactPhase, Live, macs_per_sample, mask_pairs
 from dataset import load_splits
 from distributed import (
     all_sum,
@@ -113,7 +114,7 @@ class IMPRun:
         if (self.device.type == "cuda" or forced) and family.channels_last:  # faster convs under autocast
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp = amp_dtype(args.amp, self.device, force_cpu=forced)
-        self.weights = pu.prunable_weights(self.model)
+        self.weights, self.phase = pu.prunable_weights(self.model), None  # phase: compact training
         self.modules = dict(self.model.named_modules())
         self.groups = family.unit_groups(self.model, args) if family.regroups(args) else []
         self.report = family.unit_kinds(self.model)
@@ -141,7 +142,7 @@ class IMPRun:
         self.theta_r = init_weights(self.model, args, resume_ck is not None, self.save)
         ones = {n: m.to(self.device) for n, m in pu.ones_masks(self.model).items()}
         self.set_ticket(Ticket(ones, ones, ones, {n: torch.zeros_like(m) for n, m in ones.items()}))
-        self.net = wrap_for_training(self.model, self.dist, self.device, args.compile)
+        self.net = self.dense_net = wrap_for_training(self.model, self.dist, self.device, args.compile)
         mode = args.wandb if self.dist.is_main else "disabled"
         self.logger = Logger(
             mode, args.wandb_project, args.exp_name, vars(args), args.save_dir, (resume_ck or {}).get("wandb_id")
@@ -166,9 +167,7 @@ class IMPRun:
 
     def set_hard(self, hard: pu.Masks) -> None:
         self.ticket.hard = hard
-        norms = pu.dead_norm_masks(self.report.get("channels", []), self.modules, hard)
-        self.mask_tensors = [self.weights[n] for n in hard] + [t for t, _ in norms]
-        self.mask_values = [pu.mask_like(hard[n], self.weights[n]) for n in hard] + [m for _, m in norms]
+        self.mask_tensors, self.mask_values = mask_pairs(self.model, self.family, hard)
 
     @torch.no_grad()
     def apply_hard(self) -> None:
@@ -177,6 +176,36 @@ class IMPRun:
     def rewind(self) -> None:
         self.model.load_state_dict(self.theta_r)
         self.apply_hard()
+
+    # ---- compact training (compact_train.py)
+    def compacts(self, state: int) -> bool:
+        return self.args.compact_train == "auto" and state > 0 and bool(self.groups)
+
+    def go_compact(self, state: int, opt) -> None:
+        """Train the compact model from here to the state end, when it removes anything."""
+        self.phase = CompactPhase.build(self.model, self.ticket.hard, self.family) if self.compacts(state) else None
+        if self.phase is not None:
+            self.phase.adopt(opt)
+            self.model.zero_grad(set_to_none=True)
+            self.mask_tensors, self.mask_values = self.phase.mask_tensors, self.phase.mask_values
+            self.net = wrap_for_training(self.phase.model, self.dist, self.device, self.args.compile)
+            self.say(f"state {state:2d} trains the compact model: {self.mac_ratio():.3f} of the dense MACs per sample")
+
+    def mac_ratio(self) -> float:
+        """Per-sample MACs of the model in training over the dense model's (1 when dense)."""
+        if self.phase is None:
+            return 1.0
+        self.dense_macs = getattr(self, "dense_macs", None) or macs_per_sample(
+            self.model, self.data.img_size, self.device
+        )
+        return macs_per_sample(self.phase.model, self.data.img_size, self.device) / self.dense_macs
+
+    def end_compact(self) -> None:
+        """Back to the dense model, the compact one's weights written into it."""
+        if self.phase is not None:
+            self.phase.sync()
+            self.phase, self.net = None, self.dense_net
+            self.set_hard(self.ticket.hard)
 
     # ---- pruning
     def next_ticket(self, state: int) -> Ticket:
@@ -295,6 +324,8 @@ class IMPRun:
         if ck is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         out = {"opt": opt, "sched": sched, "pen": pen, "st": st, "scaler": scaler}
+        if not pen.active or st["removal"] is not None:  # Refill; RSST after its removal step
+            self.go_compact(state, opt)
 
         def after_step() -> bool:
             if pen.active and not pen.done:
@@ -305,7 +336,7 @@ class IMPRun:
                 if pen.step_count % log_every == 0 or pen.done:
                     self._trace(state, pen, st)
                 if pen.done:
-                    self._remove_penalized(state, pen, st)
+                    self._remove_penalized(state, pen, st, opt)
             return self._should_stop()
 
         for epoch in range(start_epoch, a.epochs):
@@ -317,7 +348,7 @@ class IMPRun:
             if partial:
                 set_rng_states(own_rng_states(partial["rng"], self.dist.rank), self.device)
             tr = train_one_epoch(
-                self.net,
+                Live(lambda: self.net),
                 self.train_loader,
                 opt,
                 sched,
@@ -363,7 +394,13 @@ class IMPRun:
 
     def _evaluate(self, loader) -> dict:
         """Loss and accuracy of the masked model on `loader`, each rank on its shard, summed."""
-        return evaluate(self.model, loader, self.device, self.amp, lambda t: all_sum(t, self.dist))
+        return evaluate(
+            self.phase.model if self.phase else self.model,
+            loader,
+            self.device,
+            self.amp,
+            lambda t: all_sum(t, self.dist),
+        )
 
     def _trace(self, state: int, pen: RSSTPenalty, st: dict) -> None:
         ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
@@ -383,7 +420,7 @@ class IMPRun:
             }
         )
 
-    def _remove_penalized(self, state: int, pen: RSSTPenalty, st: dict) -> None:
+    def _remove_penalized(self, state: int, pen: RSSTPenalty, st: dict, opt) -> None:
         """The end of the ramp: measure, zero P (mask <- R), measure again, train on under R."""
         a = self.args
         ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
@@ -395,6 +432,8 @@ class IMPRun:
         self.model.train()
         st["removal"] = {"step": pen.step_count, "soft": soft, "hard": hard, "norm_ratio": ratio}
         left = self.steps_per_epoch * a.epochs - pen.step_count
+        if left:
+            self.go_compact(state, opt)
         self.say(
             f"state {state:2d} RSST removal at step {pen.step_count}: penalized norm ratio {ratio:.3g} "
             f"(predicted {self.plan.predicted_ratio:.3g}), soft test acc {soft:.2f} -> hard {hard:.2f}"
@@ -449,8 +488,10 @@ class IMPRun:
         """State checkpoint, summary row and plots; the last epoch's evaluation is the final one."""
         pen, st = out["pen"], out["st"]
         row = state_row(state, self.ticket, self.report, self.groups, st, pen if pen.active else None, self.plan)
+        row["train_mac_ratio"] = round(self.mac_ratio(), 4)
         self.rows.append(row)
         self.save(self._payload(state, self.args.epochs, "done", out), f"{state}checkpoint.pth.tar")
+        self.end_compact()
         self.save({"phase": "done", "state": state, "file": f"{state}checkpoint.pth.tar"}, "latest.pth.tar")
         self.state_masks.append(pu.masks_to_bool(self.ticket.hard))
         if self.dist.is_main:
@@ -503,6 +544,8 @@ class IMPRun:
         self, state: int, epoch: int, phase: str, out: dict, partial: dict | None = None, slim: bool = False
     ) -> dict:
         """A checkpoint: weights and masks always; the optimizer and progress unless `slim`."""
+        if self.phase is not None:
+            self.phase.sync()  # checkpoints hold the dense model
         ck = {
             "phase": phase,
             "state": state,
@@ -523,7 +566,7 @@ class IMPRun:
         return {
             **ck,
             "partial": partial,
-            "optimizer": out["opt"].state_dict(),
+            "optimizer": self.phase.optimizer_state(out["opt"]) if self.phase else out["opt"].state_dict(),
             "scheduler": out["sched"].state_dict(),
             "rsst_step": out["pen"].step_count,
             "rsst_lambda": out["pen"].last_lambda,
@@ -568,7 +611,13 @@ class IMPRun:
                 self.say(
                     f"== state {state}/{a.pruning_times - 1}: imp density {100 * pu.density(t.imp):.2f}%, "
                     f"trained density {100 * pu.density(t.hard):.2f}%, target {100 * pu.density(t.target):.2f}%, "
-                    f"penalized {pu.count_ones(t.penalty)} weights =="
+                    f"penalized {pu.count_ones(t.penalty)} weights; trains "
+                    + (
+                        "masked dense"
+                        if not self.compacts(state)
+                        else "compact" + (" from the RSST removal" if pu.count_ones(t.penalty) else "")
+                    )
+                    + " =="
                 )
             out = self.train_state(state, start_epoch, mid)
             self.finish_state(state, out)

@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--deterministic", action="store_true", help="deterministic GPU kernels (bit-exact GPU resume, slower)"
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    g.add_argument(
+        "--compact_train",
+        default="auto",
+        choices=["auto", "off"],
+        help="auto: structured states (Refill >= 1, RSST after removal) train the physically smaller model; "
+        "off: masked dense training",
+    )
     g = p.add_argument_group("Pruning")
     g.add_argument("--struct", default="rsst", choices=["rsst", "refill"], help="how to reach the structured mask")
     g.add_argument("--unstructured", action="store_true", help="skip the regroup (R = M): plain unstructured IMP")

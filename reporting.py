@@ -32,6 +32,7 @@ SUMMARY_FIELDS = [
     "penalized_norm_ratio",
     "reg_end_step",
     "seconds",
+    "train_mac_ratio",
 ]
 
 
