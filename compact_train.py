@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 import pruning_utils as pu
-from compact import Index, compact_model
+from compact import CompactError, Index, compact_model
+from distributed import wrap_for_training
 
 
 def gather(t: torch.Tensor, ix: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -83,8 +84,11 @@ class CompactPhase:
 
     @staticmethod
     def build(dense: nn.Module, hard: pu.Masks, family) -> CompactPhase | None:
-        """The phase, or None when compaction removes nothing."""
-        phase = CompactPhase(dense, hard, family)
+        """The phase, or None when compaction removes nothing (or cannot compact this model)."""
+        try:
+            phase = CompactPhase(dense, hard, family)
+        except CompactError:
+            return None
         return phase if count(phase.model) < count(dense) else None
 
     def ix(self, name: str) -> Index:
@@ -141,6 +145,47 @@ class CompactPhase:
     def apply_hard(self) -> None:
         with torch.no_grad():
             torch._foreach_mul_(self.mask_tensors, self.mask_values)
+
+
+class CompactTraining:
+    """The state loop's side of compact training (imp_loop.IMPRun mixes it in): when a state
+    trains compact, the switch, the MAC ratio, and the way back to the dense model."""
+
+    def train_form(self, state: int) -> str:
+        """Which form trains `state` (the state header)."""
+        if not self.compacts(state):
+            return "masked dense"
+        return "compact" + (" from the RSST removal" if pu.count_ones(self.ticket.penalty) else "")
+
+    def compacts(self, state: int) -> bool:
+        a, family = self.args, self.family
+        return a.compact_train == "auto" and state > 0 and bool(self.groups) and family.compact_units is not None
+
+    def go_compact(self, state: int, opt) -> None:
+        """Train the compact model from here to the state end, when it removes anything."""
+        self.phase = CompactPhase.build(self.model, self.ticket.hard, self.family) if self.compacts(state) else None
+        if self.phase is not None:
+            self.phase.adopt(opt)
+            self.model.zero_grad(set_to_none=True)
+            self.mask_tensors, self.mask_values = self.phase.mask_tensors, self.phase.mask_values
+            self.net = wrap_for_training(self.phase.model, self.dist, self.device, self.args.compile)
+            self.say(f"state {state:2d} trains the compact model: {self.mac_ratio():.3f} of the dense MACs per sample")
+
+    def mac_ratio(self) -> float:
+        """Per-sample MACs of the model in training over the dense model's (1 when dense)."""
+        if self.phase is None:
+            return 1.0
+        self.dense_macs = getattr(self, "dense_macs", None) or macs_per_sample(
+            self.model, self.data.img_size, self.device
+        )
+        return macs_per_sample(self.phase.model, self.data.img_size, self.device) / self.dense_macs
+
+    def end_compact(self) -> None:
+        """Back to the dense model, the compact one's weights written into it."""
+        if self.phase is not None:
+            self.phase.sync()
+            self.phase, self.net = None, self.dense_net
+            self.set_hard(self.ticket.hard)
 
 
 def count(model: nn.Module) -> int:

@@ -33,8 +33,9 @@ class Family:
     - `vit_flags`: takes --vit_structured, --vit_prune_target, --vit_pretrained, --pretrained_file.
     - `unit_groups(model, args)`: the `pruning_utils.UnitGroup`s the regroup uses.
     - `unit_kinds(model)`: {row label of masks.png: groups}, e.g. heads and neurons per block.
-    - `compact_units(model, masks, sd, index, exact)`: slice `sd` to the compact form (compact.py);
-      returns the description `resize(model, desc)` rebuilds.
+    - `compact_units(model, masks, sd, index, silent)`: slice `sd` to the compact form (compact.py);
+      returns the description `resize(model, desc)` rebuilds. None: the family cannot be compacted
+      (no export, and --compact_train auto trains it masked dense).
     - `describe(desc, model)`: the units kept, in words (export, state header).
     """
 
@@ -49,8 +50,8 @@ class Family:
     vit_flags: bool
     unit_groups: Callable
     unit_kinds: Callable
-    compact_units: Callable
-    resize: Callable
+    compact_units: Callable | None
+    resize: Callable | None
     describe: Callable
 
     def regroups(self, args) -> bool:

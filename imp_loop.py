@@ -31,7 +31,7 @@ from checkpoints import (
     seed_all,
     set_rng_states,
 )
-from compact_train import CompactPhase, Live, macs_per_sample, mask_pairs
+from compact_train import CompactTraining, Live, mask_pairs
 from dataset import load_splits
 from distributed import (
     all_sum,
@@ -86,7 +86,7 @@ STOP_CHECK_EVERY = 20  # optimizer steps between the ranks' checks for a signal
 
 
 # ------------------------------------------------------------------------------- run
-class IMPRun:
+class IMPRun(CompactTraining):
     """One IMP run: states of training, pruning, regrouping and rewinding."""
 
     def __init__(self, args: argparse.Namespace, resume_ck: dict | None, stop: StopFlag | None = None):
@@ -176,36 +176,6 @@ class IMPRun:
     def rewind(self) -> None:
         self.model.load_state_dict(self.theta_r)
         self.apply_hard()
-
-    # ---- compact training (compact_train.py)
-    def compacts(self, state: int) -> bool:
-        return self.args.compact_train == "auto" and state > 0 and bool(self.groups)
-
-    def go_compact(self, state: int, opt) -> None:
-        """Train the compact model from here to the state end, when it removes anything."""
-        self.phase = CompactPhase.build(self.model, self.ticket.hard, self.family) if self.compacts(state) else None
-        if self.phase is not None:
-            self.phase.adopt(opt)
-            self.model.zero_grad(set_to_none=True)
-            self.mask_tensors, self.mask_values = self.phase.mask_tensors, self.phase.mask_values
-            self.net = wrap_for_training(self.phase.model, self.dist, self.device, self.args.compile)
-            self.say(f"state {state:2d} trains the compact model: {self.mac_ratio():.3f} of the dense MACs per sample")
-
-    def mac_ratio(self) -> float:
-        """Per-sample MACs of the model in training over the dense model's (1 when dense)."""
-        if self.phase is None:
-            return 1.0
-        self.dense_macs = getattr(self, "dense_macs", None) or macs_per_sample(
-            self.model, self.data.img_size, self.device
-        )
-        return macs_per_sample(self.phase.model, self.data.img_size, self.device) / self.dense_macs
-
-    def end_compact(self) -> None:
-        """Back to the dense model, the compact one's weights written into it."""
-        if self.phase is not None:
-            self.phase.sync()
-            self.phase, self.net = None, self.dense_net
-            self.set_hard(self.ticket.hard)
 
     # ---- pruning
     def next_ticket(self, state: int) -> Ticket:
@@ -611,13 +581,7 @@ class IMPRun:
                 self.say(
                     f"== state {state}/{a.pruning_times - 1}: imp density {100 * pu.density(t.imp):.2f}%, "
                     f"trained density {100 * pu.density(t.hard):.2f}%, target {100 * pu.density(t.target):.2f}%, "
-                    f"penalized {pu.count_ones(t.penalty)} weights; trains "
-                    + (
-                        "masked dense"
-                        if not self.compacts(state)
-                        else "compact" + (" from the RSST removal" if pu.count_ones(t.penalty) else "")
-                    )
-                    + " =="
+                    f"penalized {pu.count_ones(t.penalty)} weights; trains {self.train_form(state)} =="
                 )
             out = self.train_state(state, start_epoch, mid)
             self.finish_state(state, out)
