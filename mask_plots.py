@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 import pruning_utils as pu
+from families import family_of_model
 from reporting import pyplot
-from vit_pruning_utils import head_groups, neuron_groups
 
 UnitKinds = dict[str, list[pu.UnitGroup]]  # "heads" / "neurons" / "channels" -> groups, one per layer
 KIND_AXIS = {"heads": "block", "neurons": "block", "channels": "conv layer"}
@@ -24,9 +24,7 @@ KIND_AXIS = {"heads": "block", "neurons": "block", "channels": "conv layer"}
 
 def unit_kinds(model: nn.Module) -> UnitKinds:
     """The unit groups drawn for `model`: heads and neurons per block (ViT) or channels per conv."""
-    if hasattr(model, "blocks_layout"):
-        return {"heads": head_groups(model), "neurons": neuron_groups(model)}
-    return {"channels": pu.channel_groups(model)}
+    return family_of_model(model).unit_kinds(model)
 
 
 def kept_by_state(kinds: UnitKinds, masks_by_state: list[dict[str, torch.Tensor]]) -> dict[str, list[list[int]]]:
