@@ -1,4 +1,4 @@
-"""Compaction: the physically smaller form of a masked model (used by export.py).
+"""Compaction: the physically smaller form of a masked model (export.py, compact_train.py).
 
 What is removed (docs/export.md "What is removed"):
 - ViT: heads whose proj input columns are all masked (they add nothing) or whose v rows are
@@ -16,11 +16,16 @@ sizes; `build_compact` rebuilds the model from that description alone.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from families import family_named, family_of_model
 from models import create_model
+
+Index = dict[str, dict[int, torch.Tensor]]  # state-dict key -> {dim: kept indices along it}
 
 
 class CompactError(ValueError):
@@ -56,15 +61,21 @@ def _index(keep: torch.Tensor) -> torch.Tensor:
     return keep.nonzero().flatten()
 
 
+def _take(sd: dict, index: Index, key: str, src: torch.Tensor, dim: int, idx: torch.Tensor) -> None:
+    """sd[key] = src's entries `idx` along `dim`, recorded in `index`."""
+    sd[key] = src.index_select(dim, idx.to(src.device))
+    index.setdefault(key, {})[dim] = idx
+
+
 @torch.no_grad()
-def _compact_attention(sd: dict, attn: nn.Module, qkv: str, proj: str, masks: dict) -> int:
-    """Slice one block's heads in `sd`; returns the heads kept."""
+def _compact_attention(sd: dict, attn: nn.Module, qkv: str, proj: str, masks: dict, index: Index, silent: bool) -> int:
+    """Slice one block's heads in `sd`; returns the heads kept (`silent`: drop silent heads only)."""
     h, hd = attn.num_heads, attn.head_dim
     if not isinstance(attn.norm, nn.Identity) or getattr(attn, "gate", None) is not None:
         return h  # a norm or gate over attn_dim mixes heads: nothing is removable exactly
-    silent = ~masks[proj].reshape(-1, h, hd).any(2).any(0)  # proj input columns all masked
+    silent_only, silent = silent, ~masks[proj].reshape(-1, h, hd).any(2).any(0)  # proj input columns all masked
     constant = ~masks[qkv].reshape(3, h, -1)[2].any(1)  # v rows all masked: output = v bias
-    if attn.qkv.bias is not None and attn.proj.bias is None:
+    if silent_only or (attn.qkv.bias is not None and attn.proj.bias is None):
         constant = torch.zeros_like(constant)  # no proj bias to fold a v bias into
     drop = _droppable(silent, constant)
     if attn.qkv.bias is not None and attn.proj.bias is not None:
@@ -74,21 +85,21 @@ def _compact_attention(sd: dict, attn: nn.Module, qkv: str, proj: str, masks: di
     heads = _index(~drop)
     rows = (torch.arange(3)[:, None, None] * h * hd + heads[None, :, None] * hd + torch.arange(hd)).flatten()
     cols = (heads[:, None] * hd + torch.arange(hd)).flatten()
-    sd[f"{qkv}.weight"] = attn.qkv.weight[rows]
+    _take(sd, index, f"{qkv}.weight", attn.qkv.weight.detach(), 0, rows)
     if attn.qkv.bias is not None:
-        sd[f"{qkv}.bias"] = attn.qkv.bias[rows]
-    sd[f"{proj}.weight"] = attn.proj.weight[:, cols]
+        _take(sd, index, f"{qkv}.bias", attn.qkv.bias.detach(), 0, rows)
+    _take(sd, index, f"{proj}.weight", attn.proj.weight.detach(), 1, cols)
     return int(heads.numel())
 
 
 @torch.no_grad()
-def _compact_mlp(sd: dict, mlp: nn.Module, fc1: str, fc2: str, masks: dict) -> int:
-    """Slice one block's MLP neurons in `sd`; returns the neurons kept."""
+def _compact_mlp(sd: dict, mlp: nn.Module, fc1: str, fc2: str, masks: dict, index: Index, silent: bool) -> int:
+    """Slice one block's MLP neurons in `sd`; returns the neurons kept (`silent`: silent ones only)."""
     if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
         return mlp.fc1.out_features  # a norm over the hidden units mixes them
-    silent = ~masks[fc2].any(0)  # fc2 column all masked
+    silent_only, silent = silent, ~masks[fc2].any(0)  # fc2 column all masked
     constant = ~masks[fc1].any(1)  # fc1 row all masked: output = act(b1)
-    if mlp.fc2.bias is None:
+    if silent_only or mlp.fc2.bias is None:
         constant = torch.zeros_like(constant)  # no fc2 bias to fold act(b1) into
     drop = _droppable(silent, constant)
     if mlp.fc2.bias is not None:
@@ -96,18 +107,19 @@ def _compact_mlp(sd: dict, mlp: nn.Module, fc1: str, fc2: str, masks: dict) -> i
         act = torch.where(constant, mlp.act(b1), torch.zeros_like(b1))
         sd[f"{fc2}.bias"] = mlp.fc2.bias + mlp.fc2.weight[:, drop] @ act[drop]
     keep = _index(~drop)
-    sd[f"{fc1}.weight"] = mlp.fc1.weight[keep]
+    _take(sd, index, f"{fc1}.weight", mlp.fc1.weight.detach(), 0, keep)
     if mlp.fc1.bias is not None:
-        sd[f"{fc1}.bias"] = mlp.fc1.bias[keep]
-    sd[f"{fc2}.weight"] = mlp.fc2.weight[:, keep]
+        _take(sd, index, f"{fc1}.bias", mlp.fc1.bias.detach(), 0, keep)
+    _take(sd, index, f"{fc2}.weight", mlp.fc2.weight.detach(), 1, keep)
     return int(keep.numel())
 
 
-def _compact_vit(model: nn.Module, masks: dict, sd: dict) -> dict:
+def compact_vit(model: nn.Module, masks: dict, sd: dict, index: Index, silent: bool = False) -> dict:
+    """Slice the heads and MLP neurons of every block in `sd` (families.VIT)."""
     heads, hidden = [], []
     for blk, lay in zip(model.blocks, model.blocks_layout()):
-        heads.append(_compact_attention(sd, blk.attn, lay.qkv, lay.proj, masks))
-        hidden.append(_compact_mlp(sd, blk.mlp, lay.fc1, lay.fc2, masks))
+        heads.append(_compact_attention(sd, blk.attn, lay.qkv, lay.proj, masks, index, silent))
+        hidden.append(_compact_mlp(sd, blk.mlp, lay.fc1, lay.fc2, masks, index, silent))
     return {"family": "vit", "num_heads": heads, "mlp_hidden": hidden}
 
 
@@ -121,8 +133,11 @@ def _bn_constant(bn: nn.BatchNorm2d, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _compact_chain(sd: dict, mods: dict, chain: tuple[str, str, str], masks: dict) -> tuple[int, bool]:
-    """Slice the producer channels of one chain; returns (channels kept, consumer folded)."""
+def _compact_chain(
+    sd: dict, mods: dict, chain: tuple[str, str, str], masks: dict, index: Index, silent: bool
+) -> tuple[int, bool]:
+    """Slice the producer channels of one chain; returns (channels kept, consumer folded).
+    `silent`: a zero filter's channel carries no constant (its BatchNorm is masked too)."""
     prod, norm, cons = chain
     p, bn, c = mods[prod], mods[norm], mods[cons]
     zero_filter = ~masks[prod].reshape(p.out_channels, -1).any(1)
@@ -134,16 +149,16 @@ def _compact_chain(sd: dict, mods: dict, chain: tuple[str, str, str], masks: dic
     drop = _droppable(unused, zero_filter)
     if not bool(drop.any()):
         return p.out_channels, False
-    const = torch.where(zero_filter, _bn_constant(bn, p.bias), torch.zeros(p.out_channels))
+    const = torch.where(zero_filter & ~torch.tensor(silent), _bn_constant(bn, p.bias), torch.zeros(p.out_channels))
     keep = _index(~drop)
     for key in ("weight", "bias", "fold_kernel"):  # a fold kernel from the previous chain (VGG)
         if f"{prod}.{key}" in sd:
-            sd[f"{prod}.{key}"] = sd[f"{prod}.{key}"][keep]
+            _take(sd, index, f"{prod}.{key}", sd[f"{prod}.{key}"], 0, keep)
     for key in ("weight", "bias", "running_mean", "running_var"):
         if f"{norm}.{key}" in sd:
-            sd[f"{norm}.{key}"] = sd[f"{norm}.{key}"][keep]
-    sd[f"{cons}.weight"] = sd[f"{cons}.weight"][:, keep]
-    folded = torch.einsum("oc...,c->o...", c.weight[:, drop], const[drop])
+            _take(sd, index, f"{norm}.{key}", sd[f"{norm}.{key}"], 0, keep)
+    _take(sd, index, f"{cons}.weight", sd[f"{cons}.weight"], 1, keep)
+    folded = torch.einsum("oc...,c->o...", c.weight.detach()[:, drop], const[drop])
     if isinstance(c, nn.Linear):
         sd[f"{cons}.bias"] = c.bias + folded
         return int(keep.numel()), False
@@ -153,13 +168,14 @@ def _compact_chain(sd: dict, mods: dict, chain: tuple[str, str, str], masks: dic
     return int(keep.numel()), True
 
 
-def _compact_cnn(model: nn.Module, masks: dict, sd: dict) -> dict:
+def compact_cnn(model: nn.Module, masks: dict, sd: dict, index: Index, silent: bool = False) -> dict:
+    """Slice the producer channels of every chain in `sd` (families.CNN)."""
     mods = dict(model.named_modules())
     channels, folded = {}, []
     for chain in model.channel_chains():
         if chain[0] not in masks:
             continue  # the stem is never pruned
-        kept, fold = _compact_chain(sd, mods, chain, masks)
+        kept, fold = _compact_chain(sd, mods, chain, masks, index, silent)
         if kept < mods[chain[0]].out_channels:
             channels[chain[0]] = kept
         if fold:
@@ -167,22 +183,33 @@ def _compact_cnn(model: nn.Module, masks: dict, sd: dict) -> dict:
     return {"family": "cnn", "channels": channels, "folded": folded}
 
 
-def compact_state(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+def compact_state(
+    model: nn.Module, masks: dict[str, torch.Tensor], silent: bool = False, index: Index | None = None
+) -> tuple[dict, dict]:
     """(architecture description, state dict) of the compact form of `model` (masked, eval).
 
     `masks` are bool tensors keyed by prunable module name, as in a checkpoint's 'mask'.
+    `silent`: remove only units that add nothing (no constants folded; training keeps the same
+    math, compact_train.py). `index` receives, per sliced key, the kept indices along each dim.
     """
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     masks = {n: m.bool().cpu() for n, m in masks.items()}
-    if hasattr(model, "blocks_layout"):
-        return _compact_vit(model, masks, sd), sd
-    if hasattr(model, "channel_chains"):
-        return _compact_cnn(model, masks, sd), sd
-    if hasattr(model, "mamba_layout"):
-        from compact_mamba import compact_mamba
+    try:
+        family = family_of_model(model)
+    except ValueError:
+        raise CompactError(f"{type(model).__name__}: no ViT block layout or CNN channel chains to compact") from None
+    return family.compact_units(model, masks, sd, {} if index is None else index, silent), sd
 
-        return compact_mamba(model, masks, sd, {}), sd
-    raise CompactError(f"{type(model).__name__}: no ViT block layout or CNN channel chains to compact")
+
+def compact_model(model: nn.Module, masks: dict[str, torch.Tensor], silent: bool = False, index: Index | None = None):
+    """The compact form of `model` under `masks` as a module (a resized copy, weights loaded)."""
+    device = next(model.parameters()).device
+    src = model if device.type == "cpu" else copy.deepcopy(model).cpu()  # the slicing runs on the CPU
+    desc, sd = compact_state(src, masks, silent, index)
+    small = copy.deepcopy(src)
+    family_named(desc["family"]).resize(small, desc)
+    small.load_state_dict(sd)
+    return small.to(device)
 
 
 # --------------------------------------------------------------------------- rebuild
@@ -195,7 +222,7 @@ def _linear(old: nn.Linear, n_in: int, n_out: int) -> nn.Linear:
     return nn.Linear(n_in, n_out, bias=old.bias is not None)
 
 
-def _resize_vit(model: nn.Module, desc: dict) -> None:
+def resize_vit(model: nn.Module, desc: dict) -> None:
     for blk, heads, hidden in zip(model.blocks, desc["num_heads"], desc["mlp_hidden"]):
         attn, mlp = blk.attn, blk.mlp
         attn.num_heads, attn.attn_dim = heads, heads * attn.head_dim
@@ -205,7 +232,7 @@ def _resize_vit(model: nn.Module, desc: dict) -> None:
         mlp.fc2 = _linear(mlp.fc2, hidden, mlp.fc2.out_features)
 
 
-def _resize_cnn(model: nn.Module, desc: dict) -> None:
+def resize_cnn(model: nn.Module, desc: dict) -> None:
     mods = dict(model.named_modules())
     n_out, n_in = dict(desc["channels"]), {}
     for prod, norm, cons in model.channel_chains():
@@ -244,11 +271,6 @@ def build_compact(artifact: dict) -> nn.Module:
         artifact["arch"], artifact["num_classes"], artifact["img_size"], **artifact.get("model_kwargs", {})
     )
     desc = artifact["compact"]
-    if desc["family"] == "mamba":
-        from compact_mamba import resize_mamba
-
-        resize_mamba(model, desc)
-    else:
-        (_resize_vit if desc["family"] == "vit" else _resize_cnn)(model, desc)
+    family_named(desc["family"]).resize(model, desc)
     model.load_state_dict(artifact["state_dict"])
     return model.eval()

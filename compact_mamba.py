@@ -16,18 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from compact import _compact_mlp, _droppable
+from compact import _compact_mlp, _droppable, _index, _take
 from models.mamba import MambaMixer
-
-
-def _index(keep: torch.Tensor) -> torch.Tensor:
-    return keep.nonzero().flatten()
-
-
-def _take(sd: dict, index: dict, key: str, dim: int, idx: torch.Tensor) -> None:
-    """sd[key] = its entries `idx` along `dim`, recorded in `index` (key -> {dim: kept indices})."""
-    sd[key] = sd[key].index_select(dim, idx)
-    index.setdefault(key, {})[dim] = idx
 
 
 @torch.no_grad()
@@ -43,30 +33,24 @@ def _compact_mixer(sd: dict, mixer: MambaMixer, prefix: str, masks: dict, index:
         zero_input = x_dead & (getattr(mixer, conv).bias.detach().cpu() == 0)
         silent &= ~masks[f"{prefix}.{x_proj}"].any(0) | zero_input
     keep = _index(~_droppable(silent, torch.zeros_like(silent)))
-    _take(sd, index, f"{prefix}.in_proj.weight", 0, torch.cat([keep, d + keep]))
+    _take(sd, index, f"{prefix}.in_proj.weight", sd[f"{prefix}.in_proj.weight"], 0, torch.cat([keep, d + keep]))
     for conv, x_proj, dt_proj, a_log, d_skip in mixer.scans():
         for key in (f"{conv}.weight", f"{conv}.bias", f"{dt_proj}.weight", f"{dt_proj}.bias", a_log, d_skip):
-            _take(sd, index, f"{prefix}.{key}", 0, keep)
-        _take(sd, index, f"{prefix}.{x_proj}.weight", 1, keep)
-    _take(sd, index, f"{prefix}.out_proj.weight", 1, keep)
+            _take(sd, index, f"{prefix}.{key}", sd[f"{prefix}.{key}"], 0, keep)
+        _take(sd, index, f"{prefix}.{x_proj}.weight", sd[f"{prefix}.{x_proj}.weight"], 1, keep)
+    _take(sd, index, f"{prefix}.out_proj.weight", sd[f"{prefix}.out_proj.weight"], 1, keep)
     return int(keep.numel())
 
 
-def compact_mamba(model: nn.Module, masks: dict, sd: dict, index: dict) -> dict:
+def compact_mamba(model: nn.Module, masks: dict, sd: dict, index: dict, silent: bool = False) -> dict:
     """Slice every block's inner channels and MLP neurons in `sd` (CPU tensors); returns the
-    description `resize_mamba` rebuilds. `index` receives the kept indices of each sliced key."""
+    description `resize_mamba` rebuilds. `index` receives the kept indices of each sliced key;
+    `silent`: fold no constants (the mixer never folds any; the MLP as compact.py)."""
     inner, hidden = [], []
     for blk, lay in zip(model.blocks, model.mamba_layout()):
         inner.append(_compact_mixer(sd, blk.mixer, lay.mixer, masks, index))
-        hidden.append(_compact_mlp(sd, blk.mlp, lay.fc1, lay.fc2, masks))
+        hidden.append(_compact_mlp(sd, blk.mlp, lay.fc1, lay.fc2, masks, index, silent))
     return {"family": "mamba", "d_inner": inner, "mlp_hidden": hidden}
-
-
-def compact_mamba_state(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(architecture description, state dict) of the compact form of a masked Vision Mamba."""
-    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    masks = {n: m.bool().cpu() for n, m in masks.items()}
-    return compact_mamba(model, masks, sd, {}), sd
 
 
 def resize_mamba(model: nn.Module, desc: dict) -> None:

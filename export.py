@@ -25,6 +25,7 @@ from torch.utils import flop_counter
 from checkpoints import UnsafeCheckpoint, load_safely
 from compact import CompactError, build_compact, compact_state
 from errors import DataError
+from families import family_named
 from models import create_model, input_norm
 
 FORMAT = "rsst-compact-1"
@@ -280,28 +281,7 @@ def target_density_warning(ck: dict, path: str) -> str | None:
 
 def describe(desc: dict, model: nn.Module) -> str:
     """One line of units kept per layer."""
-    if desc["family"] == "vit":
-        total_h, hidden = model.blocks[0].attn.num_heads, model.blocks[0].mlp.fc1.out_features
-        return (
-            "heads kept per block: "
-            + " ".join(f"{h}/{total_h}" for h in desc["num_heads"])
-            + "\nMLP neurons kept per block: "
-            + " ".join(f"{n}/{hidden}" for n in desc["mlp_hidden"])
-        )
-    if desc["family"] == "mamba":
-        inner, hidden = model.blocks[0].mixer.d_inner, model.blocks[0].mlp.fc1.out_features
-        return (
-            "SSM inner channels kept per block: "
-            + " ".join(f"{c}/{inner}" for c in desc["d_inner"])
-            + "\nMLP neurons kept per block: "
-            + " ".join(f"{n}/{hidden}" for n in desc["mlp_hidden"])
-        )
-    mods = dict(model.named_modules())
-    kept = " ".join(f"{n}:{c}/{mods[n].out_channels}" for n, c in desc["channels"].items()) or "none removed"
-    return (
-        f"block-internal channels kept: {kept}\nconsumers with folded constants: "
-        f"{', '.join(desc['folded']) or 'none'} (residual-stream channels stay)"
-    )
+    return family_named(desc["family"]).describe(desc, model)
 
 
 def main(argv: list[str] | None = None) -> int:

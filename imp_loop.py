@@ -31,6 +31,7 @@ from checkpoints import (
     seed_all,
     set_rng_states,
 )
+from compact_train import CompactTraining, Live, mask_pairs
 from dataset import load_splits
 from distributed import (
     all_max,
@@ -47,10 +48,10 @@ from distributed import (
     wrap_for_training,
 )
 from errors import DataError, UsageError
+from families import family_of
 from loaders import EpochSampler, build_loaders, calibration_batches
-from mamba_pruning_utils import mamba_unit_groups
-from mask_plots import load_state_masks, plot_masks, unit_kinds
-from models import create_model, input_norm, is_mamba, is_vit
+from mask_plots import load_state_masks, plot_masks
+from models import create_model, input_norm
 from reporting import Logger, plot_state_progress, plot_summary, state_row, write_summary
 from rsst import RSSTPenalty, describe_plan, norm_penalty, plan_penalty
 from trainer import (
@@ -63,7 +64,7 @@ from trainer import (
     parse_milestones,
     train_one_epoch,
 )
-from vit_pruning_utils import head_report, vit_unit_groups
+from vit_pruning_utils import head_report
 
 
 @dataclass
@@ -87,7 +88,7 @@ STOP_CHECK_EVERY = 20  # optimizer steps between the ranks' checks for a signal
 
 
 # ------------------------------------------------------------------------------- run
-class IMPRun:
+class IMPRun(CompactTraining):
     """One IMP run: states of training, pruning, regrouping and rewinding."""
 
     def __init__(self, args: argparse.Namespace, resume_ck: dict | None, stop: StopFlag | None = None):
@@ -103,9 +104,9 @@ class IMPRun:
                 f"--sync_bn: SyncBatchNorm needs CUDA GPUs, and this run is on {self.device.type}; leave out --sync_bn",
                 every_rank=True,
             )
-        self.vit, self.mamba = is_vit(args.arch), is_mamba(args.arch)
+        self.family = family = family_of(args.arch)
         seed_all(args.seed)
-        strong = (self.vit or self.mamba) and args.augment == "recipe"  # TrivialAugment: the ViT recipe
+        strong = family.strong_augment and args.augment == "recipe"  # TrivialAugment: the ViT recipe
         try:  # a timm:NAME unknown to timm stops here, before the data loads
             norm = input_norm(args.arch)  # (mean, std) of its timm weights, for image folders
         except ValueError as e:
@@ -113,19 +114,18 @@ class IMPRun:
         with rank_zero_first(self.dist):  # one download, then every rank reads it
             self.data = load_splits(args.dataset, args.data, strong, args.synthetic_size, args.img_size, norm)
         try:
-            self.model_kwargs = {"depth": args.depth} if getattr(args, "depth", None) else {}
-            model = create_model(args.arch, self.data.num_classes, self.data.img_size, **self.model_kwargs)
-            self.model = model.to(self.device)
+            kw = self.model_kwargs = {"depth": args.depth} if getattr(args, "depth", None) else {}  # --depth
+            self.model = create_model(args.arch, self.data.num_classes, self.data.img_size, **kw).to(self.device)
         except ValueError as e:  # an arch the ViT regroup cannot handle
             raise UsageError(str(e)) from None
         forced = os.environ.get("RSST_FORCE_GPU_PATHS") == "1"  # tests: a CUDA run's branches on the CPU
-        if (self.device.type == "cuda" or forced) and not (self.vit or self.mamba):  # faster convs under autocast
+        if (self.device.type == "cuda" or forced) and family.channels_last:  # faster convs under autocast
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp = amp_dtype(args.amp, self.device, force_cpu=forced)
-        self.weights = pu.prunable_weights(self.model)
+        self.weights, self.phase = pu.prunable_weights(self.model), None  # phase: compact training
         self.modules = dict(self.model.named_modules())
-        self.groups = self._regroup_groups()
-        self.report = unit_kinds(self.model)
+        self.groups = family.unit_groups(self.model, args) if family.regroups(args) else []
+        self.report = family.unit_kinds(self.model)
         self.state_masks: list[dict] = []  # each finished state's hard mask, for masks.png
         self.sampler = EpochSampler(len(self.data.train), self.dist.rank, self.dist.world)
         self.train_batch = max(1, args.batch_size // self.dist.world)
@@ -153,22 +153,13 @@ class IMPRun:
         self.set_ticket(Ticket(ones, ones, ones, {n: torch.zeros_like(m) for n, m in ones.items()}))
         if args.sync_bn and self.dist.enabled:  # in place: the same parameters and buffers, the same names
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.net = wrap_for_training(self.model, self.dist, self.device, args.compile)
+        self.net = self.dense_net = wrap_for_training(self.model, self.dist, self.device, args.compile)
         mode = args.wandb if self.dist.is_main else "disabled"
         self.logger = Logger(
             mode, args.wandb_project, args.exp_name, vars(args), args.save_dir, (resume_ck or {}).get("wandb_id")
         )
 
     # ---- setup
-    def _regroup_groups(self) -> list[pu.UnitGroup]:
-        if self.args.unstructured:
-            return []
-        if self.vit:
-            return vit_unit_groups(self.model, self.args.vit_prune_target) if self.args.vit_structured else []
-        if self.mamba:
-            return mamba_unit_groups(self.model, self.args.mamba_prune_target)
-        return pu.channel_groups(self.model)
-
     def save(self, obj: dict, name: str) -> None:
         """Write a file of the run (rank 0 only), atomically."""
         if self.dist.is_main:
@@ -187,9 +178,7 @@ class IMPRun:
 
     def set_hard(self, hard: pu.Masks) -> None:
         self.ticket.hard = hard
-        norms = pu.dead_norm_masks([g for gs in self.report.values() for g in gs], self.modules, hard)
-        self.mask_tensors = [self.weights[n] for n in hard] + [t for t, _ in norms]
-        self.mask_values = [pu.mask_like(hard[n], self.weights[n]) for n in hard] + [m for _, m in norms]
+        self.mask_tensors, self.mask_values = mask_pairs(self.model, self.family, hard)
 
     @torch.no_grad()
     def apply_hard(self) -> None:
@@ -234,13 +223,11 @@ class IMPRun:
         self.say(
             f"regroup: criteria {a.criteria}, prune ratio {a.rate}, mode {a.sorting_mode}, fillback {a.fillback_rate}"
         )
-        if self.vit and any(r["kind"] == "head" for r in reports):
+        if any(r["kind"] == "head" for r in reports):
             self.say(head_report(self.model, reports))
-        for kind in dict.fromkeys(r["kind"] for r in reports if r["kind"] != "head"):  # channel, inner, neuron
-            rs = [r for r in reports if r["kind"] == kind]
-            if rs:
-                label = {"inner": "inner channel"}.get(kind, kind)
-                self.say(f"  {label}s kept per layer: " + " ".join(f"{r['kept']}/{r['num_units']}" for r in rs))
+        for kind in dict.fromkeys(r["kind"] for r in reports if r["kind"] != "head"):  # (inner) channel, neuron
+            kept = " ".join(f"{r['kept']}/{r['num_units']}" for r in reports if r["kind"] == kind)
+            self.say(f"  {kind}s kept per layer: {kept}")
 
     # ---- one state
     def new_penalty(self, step: int = 0, last_lambda: float = 0.0) -> RSSTPenalty:
@@ -317,6 +304,8 @@ class IMPRun:
         if ck is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         out = {"opt": opt, "sched": sched, "pen": pen, "st": st, "scaler": scaler}
+        if not pen.active or st["removal"] is not None:  # Refill; RSST after its removal step
+            self.go_compact(state, opt)
 
         def after_step() -> bool:
             if pen.active and not pen.done:
@@ -327,7 +316,7 @@ class IMPRun:
                 if pen.step_count % log_every == 0 or pen.done:
                     self._trace(state, pen, st)
                 if pen.done:
-                    self._remove_penalized(state, pen, st)
+                    self._remove_penalized(state, pen, st, opt)
             return self._should_stop()
 
         for epoch in range(start_epoch, a.epochs):
@@ -339,7 +328,7 @@ class IMPRun:
             if partial:
                 set_rng_states(own_rng_states(partial["rng"], self.dist.rank), self.device)
             tr = train_one_epoch(
-                self.net,
+                Live(lambda: self.net),
                 self.train_loader,
                 opt,
                 sched,
@@ -384,10 +373,11 @@ class IMPRun:
         return self.stop_signal > 0
 
     def _evaluate(self, loader) -> dict:
-        """Loss and accuracy of the masked model on `loader`, each rank on its shard, summed; every
-        rank evaluates with rank 0's BatchNorm statistics (the model rank 0 saves)."""
-        broadcast_buffers(self.model, self.dist)
-        return evaluate(self.model, loader, self.device, self.amp, lambda t: all_sum(t, self.dist))
+        """Loss and accuracy of the masked model (or the compact one training now) on `loader`, each rank
+        on its shard, summed; every rank evaluates with rank 0's BatchNorm statistics (the model rank 0 saves)."""
+        model = self.phase.model if self.phase else self.model
+        broadcast_buffers(model, self.dist)
+        return evaluate(model, loader, self.device, self.amp, lambda t: all_sum(t, self.dist))
 
     def _count_unreadable(self) -> None:
         """Unreadable images found so far in each split of an image folder (over all ranks, which
@@ -435,7 +425,7 @@ class IMPRun:
             }
         )
 
-    def _remove_penalized(self, state: int, pen: RSSTPenalty, st: dict) -> None:
+    def _remove_penalized(self, state: int, pen: RSSTPenalty, st: dict, opt) -> None:
         """The end of the ramp: measure, zero P (mask <- R), measure again, train on under R."""
         a = self.args
         ratio = pen.penalized_norm() / max(st["start_norm"], 1e-12)
@@ -447,6 +437,8 @@ class IMPRun:
         self.model.train()
         st["removal"] = {"step": pen.step_count, "soft": soft, "hard": hard, "norm_ratio": ratio}
         left = self.steps_per_epoch * a.epochs - pen.step_count
+        if left:
+            self.go_compact(state, opt)
         self.say(
             f"state {state:2d} RSST removal at step {pen.step_count}: penalized norm ratio {ratio:.3g} "
             f"(predicted {self.plan.predicted_ratio:.3g}), soft test acc {soft:.2f} -> hard {hard:.2f}"
@@ -503,8 +495,10 @@ class IMPRun:
         pen, st = out["pen"], out["st"]
         row = state_row(state, self.ticket, self.report, self.groups, st, pen if pen.active else None, self.plan)
         row["unreadable_images"] = sum(self.unreadable.values()) if self.unreadable else None
+        row["train_mac_ratio"] = round(self.mac_ratio(), 4)
         self.rows.append(row)
         self.save(self._payload(state, self.args.epochs, "done", out), f"{state}checkpoint.pth.tar")
+        self.end_compact()
         self.save({"phase": "done", "state": state, "file": f"{state}checkpoint.pth.tar"}, "latest.pth.tar")
         self.state_masks.append(pu.masks_to_bool(self.ticket.hard))
         if self.dist.is_main:
@@ -557,6 +551,8 @@ class IMPRun:
         self, state: int, epoch: int, phase: str, out: dict, partial: dict | None = None, slim: bool = False
     ) -> dict:
         """A checkpoint: weights and masks always; the optimizer and progress unless `slim`."""
+        if self.phase is not None:
+            self.phase.sync()  # checkpoints hold the dense model
         ck = {
             "phase": phase,
             "state": state,
@@ -578,7 +574,7 @@ class IMPRun:
         return {
             **ck,
             "partial": partial,
-            "optimizer": out["opt"].state_dict(),
+            "optimizer": self.phase.optimizer_state(out["opt"]) if self.phase else out["opt"].state_dict(),
             "scheduler": out["sched"].state_dict(),
             "rsst_step": out["pen"].step_count,
             "rsst_lambda": out["pen"].last_lambda,
@@ -623,7 +619,7 @@ class IMPRun:
                 self.say(
                     f"== state {state}/{a.pruning_times - 1}: imp density {100 * pu.density(t.imp):.2f}%, "
                     f"trained density {100 * pu.density(t.hard):.2f}%, target {100 * pu.density(t.target):.2f}%, "
-                    f"penalized {pu.count_ones(t.penalty)} weights =="
+                    f"penalized {pu.count_ones(t.penalty)} weights; trains {self.train_form(state)} =="
                 )
             out = self.train_state(state, start_epoch, mid)
             self.finish_state(state, out)

@@ -18,7 +18,8 @@ import shlex
 import sys
 
 from errors import UsageError
-from models import ARCH_CHOICES, is_mamba, is_vit
+from families import family_of
+from models import ARCH_CHOICES
 from run_config import HelpFormatter, config_tokens, finite, given_flags
 
 # The choices of the command line, kept here so a typo is reported before torch loads;
@@ -113,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="torchrun on GPUs: BatchNorm statistics over all ranks' batches (SyncBatchNorm; for per-GPU batches "
         "below ~32)",
     )
+    g.add_argument(
+        "--compact_train",
+        default="auto",
+        choices=["auto", "off"],
+        help="auto: structured states (Refill >= 1, RSST after removal) train the physically smaller model; "
+        "off: masked dense training",
+    )
     g = p.add_argument_group("Pruning")
     g.add_argument("--struct", default="rsst", choices=["rsst", "refill"], help="how to reach the structured mask")
     g.add_argument("--unstructured", action="store_true", help="skip the regroup (R = M): plain unstructured IMP")
@@ -203,7 +211,7 @@ def explicit_flags(argv: list[str]) -> set[str]:
 
 def validate(args: argparse.Namespace) -> None:
     """One clear line for each bad value (CLI.md)."""
-    a = args
+    a, family = args, family_of(args.arch)
     checks = [
         (0 < a.rate < 1, f"--rate {a.rate}: must be in (0, 1)"),
         (a.epochs >= 1, f"--epochs {a.epochs}: must be >= 1"),
@@ -230,7 +238,7 @@ def validate(args: argparse.Namespace) -> None:
         (a.workers is None or a.workers >= 0, f"--workers {a.workers}: must be >= 0"),
         (a.threads >= 0, f"--threads {a.threads}: must be >= 0"),
         (
-            not a.vit_structured or is_vit(a.arch),
+            not a.vit_structured or family.vit_flags,
             f"--vit_structured needs a ViT arch (got --arch {a.arch}); CNNs regroup channels by default",
         ),
         (
@@ -238,11 +246,11 @@ def validate(args: argparse.Namespace) -> None:
             f"--vit_prune_target {a.vit_prune_target}: needs --vit_structured (and a ViT arch)",
         ),
         (
-            a.depth is None or (a.depth >= 1 and (is_vit(a.arch) or is_mamba(a.arch))),
+            a.depth is None or (a.depth >= 1 and family.name in ("vit", "mamba")),
             f"--depth {a.depth}: needs a ViT or Mamba arch and must be >= 1",
         ),
         (
-            a.mamba_prune_target is None or is_mamba(a.arch),
+            a.mamba_prune_target is None or family.name == "mamba",
             f"--mamba_prune_target {a.mamba_prune_target}: needs a Mamba arch (got --arch {a.arch})",
         ),
         (
@@ -258,7 +266,7 @@ def validate(args: argparse.Namespace) -> None:
         (
             not a.pretrained_file
             or (
-                is_vit(a.arch)
+                family.vit_flags
                 and not (a.init or a.pretrained or a.vit_pretrained)
                 and a.pretrained_file.endswith((".safetensors", ".pth", ".pt", ".bin", ".tar"))
             ),
@@ -269,7 +277,7 @@ def validate(args: argparse.Namespace) -> None:
             a.prune_type != "rewind_lt" or 0 <= a.rewind_epoch <= a.epochs,
             f"--rewind_epoch {a.rewind_epoch}: must be in [0, --epochs]",
         ),
-        (not a.vit_pretrained or is_vit(a.arch), "--vit_pretrained needs a ViT arch"),
+        (not a.vit_pretrained or family.vit_flags, "--vit_pretrained needs a ViT arch"),
         (not (a.resume and a.overwrite), "--resume and --overwrite exclude each other"),
         (not a.resume or a.save_dir or a.checkpoint, "--resume needs --save_dir DIR or --checkpoint FILE"),
         (a.device in ("auto", "cpu") or a.device.startswith("cuda"), f"--device {a.device}: use auto, cpu or cuda[:N]"),
@@ -324,15 +332,16 @@ def resolve(args: argparse.Namespace) -> None:
     from reporting import auto_run_name
     from trainer import fill_recipe
 
-    fill_recipe(args, is_vit(args.arch) or is_mamba(args.arch))  # Mamba trains with the ViT recipe
+    family = family_of(args.arch)
+    fill_recipe(args, family)
     if args.vit_structured and args.vit_prune_target is None:
         args.vit_prune_target = "head"
-    if is_mamba(args.arch) and args.mamba_prune_target is None:
+    if family.name == "mamba" and args.mamba_prune_target is None:
         args.mamba_prune_target = "both"
     if args.workers is None:
         args.workers = 0 if args.dataset in ("digits", "synthetic", "cifar10", "cifar100") else default_workers()
     if args.exp_name is None:
-        args.exp_name = auto_run_name(args, is_vit(args.arch))
+        args.exp_name = auto_run_name(args, not family.regroups_by_default)
     if args.save_dir is None:
         args.save_dir = f"{args.dataset}_{args.struct}_output_{args.exp_name}"
 

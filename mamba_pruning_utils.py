@@ -39,7 +39,8 @@ def channel_groups(model: nn.Module) -> list[UnitGroup]:
             names = (f"{conv}.weight", f"{conv}.bias", f"{dt_proj}.bias", a_log, d_skip)
             extras += [_extra(params, f"{b.mixer}.{n}") for n in names]
         members.append(Member(b.out_proj, tuple(weights[b.out_proj].shape), 1))
-        groups.append(UnitGroup(b.in_proj, "inner", d, tuple(members), b.out_proj, True, -1, None, tuple(extras)))
+        unit = UnitGroup(b.in_proj, "inner channel", d, tuple(members), b.out_proj, True, -1, None, tuple(extras))
+        groups.append(unit)
     return groups
 
 

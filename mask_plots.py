@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 import pruning_utils as pu
+from families import family_of_model
 from reporting import pyplot
-from vit_pruning_utils import head_groups, neuron_groups
 
 UnitKinds = dict[str, list[pu.UnitGroup]]  # "heads" / "neurons" / "channels" -> groups, one per layer
 KIND_AXIS = {"heads": "block", "neurons": "block", "inner channels": "block", "channels": "conv layer"}
@@ -25,14 +25,7 @@ KIND_AXIS = {"heads": "block", "neurons": "block", "inner channels": "block", "c
 
 def unit_kinds(model: nn.Module) -> UnitKinds:
     """The unit groups drawn for `model`: heads and neurons per block (ViT) or channels per conv."""
-    if hasattr(model, "blocks_layout"):
-        return {"heads": head_groups(model), "neurons": neuron_groups(model)}
-    if hasattr(model, "mamba_layout"):
-        from mamba_pruning_utils import channel_groups
-        from mamba_pruning_utils import neuron_groups as mamba_neurons
-
-        return {"inner channels": channel_groups(model), "neurons": mamba_neurons(model)}
-    return {"channels": pu.channel_groups(model)}
+    return family_of_model(model).unit_kinds(model)
 
 
 def kept_by_state(kinds: UnitKinds, masks_by_state: list[dict[str, torch.Tensor]]) -> dict[str, list[list[int]]]:

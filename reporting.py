@@ -34,6 +34,7 @@ SUMMARY_FIELDS = [
     "reg_end_step",
     "seconds",
     "unreadable_images",
+    "train_mac_ratio",
 ]
 
 

@@ -59,22 +59,16 @@ RECIPES = {
 }
 
 
-def recipe_name(args, vit: bool) -> str:
-    """cnn, vit, or vit_finetune (a ViT that starts from pretrained weights)."""
-    if not vit:
-        return "cnn"
-    return "vit_finetune" if getattr(args, "pretrained_file", None) or args.vit_pretrained else "vit"
-
-
-def fill_recipe(args, vit: bool) -> None:
-    """Set every recipe flag left at None (not given) to the family's default."""
-    recipe = dict(RECIPES[recipe_name(args, vit)])
+def fill_recipe(args, family) -> None:
+    """Set every recipe flag left at None (not given) to the default of `family`'s recipe
+    (cnn, vit, or vit_finetune for a ViT that starts from pretrained weights)."""
+    recipe = dict(RECIPES[family.recipe_name(args)])
     if args.augment == "light":  # crop and flip only
         recipe.update(mixup=0.0, cutmix=0.0)
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if vit and args.warmup == recipe["warmup"]:  # at most 1/8 of a short state
+    if recipe["warmup"] and args.warmup == recipe["warmup"]:  # at most 1/8 of a short state
         args.warmup = float(min(args.warmup, args.epochs // 8))
 
 

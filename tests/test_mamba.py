@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -10,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import pruning_utils as pu
-from compact_mamba import compact_mamba_state, resize_mamba
+from compact import compact_state
+from compact_mamba import resize_mamba
 from mamba_pruning_utils import MAMBA_TARGETS, mamba_unit_groups
 from models import create_model
 from models.mamba import MambaMixer
@@ -219,10 +221,10 @@ def test_regroup_drops_whole_channels_and_neurons(criterion):
     groups, masks, reports = prune_and_regroup(model, criterion)
     assert pu.units_all_or_nothing(groups, masks)
     kinds = {r["kind"] for r in reports}
-    assert kinds == {"inner", "neuron"}
+    assert kinds == {"inner channel", "neuron"}
     for r in reports:
         assert 0 < r["kept"] < r["num_units"], r["layer"]
-    for blk, r in enumerate(r for r in reports if r["kind"] == "inner"):
+    for blk, r in enumerate(r for r in reports if r["kind"] == "inner channel"):
         dropped = (~r["keep"]).nonzero().flatten().tolist()
         kept = r["keep"].nonzero().flatten().tolist()
         for c in dropped[:3]:
@@ -237,7 +239,7 @@ def test_regroup_drops_whole_channels_and_neurons(criterion):
 @pytest.mark.parametrize("target", MAMBA_TARGETS)
 def test_prune_target_selects_unit_kinds(target):
     kinds = {g.kind for g in mamba_unit_groups(shallow(), target)}
-    assert kinds == {"ssm": {"inner"}, "mlp": {"neuron"}, "both": {"inner", "neuron"}}[target]
+    assert kinds == {"ssm": {"inner channel"}, "mlp": {"neuron"}, "both": {"inner channel", "neuron"}}[target]
 
 
 def test_unknown_prune_target_raises():
@@ -265,7 +267,7 @@ def test_rsst_penalty_covers_the_extras_of_dropped_channels():
 def test_compact_model_equals_masked_model(direction):
     model = shallow(direction=direction)
     groups, masks, reports = prune_and_regroup(model, "l1")
-    desc, sd = compact_mamba_state(model, masks)
+    desc, sd = compact_state(model, masks)
     kept = [r["kept"] for r in reports]
     assert desc["d_inner"] + desc["mlp_hidden"] == kept
     small = create_model("mamba_tiny", 7, 32, depth=2, direction=direction)
@@ -313,11 +315,11 @@ def test_mamba_runs_drop_whole_channels_and_neurons(run_main, tmp_path, struct):
             assert all(bool((hard[n] <= previous[n]).all()) for n in hard)
         previous = hard
     model.load_state_dict(ck["state_dict"])
-    dropped = {"inner": 0, "neuron": 0}
+    dropped = {"inner channel": 0, "neuron": 0}
     for g, kept in zip(groups, pu.units_kept(groups, hard)):
         dropped[g.kind] += g.num_units - kept
-    assert dropped["inner"] > 0 and dropped["neuron"] > 0, dropped
-    for blk, g in enumerate(g for g in groups if g.kind == "inner"):
+    assert dropped["inner channel"] > 0 and dropped["neuron"] > 0, dropped
+    for blk, g in enumerate(g for g in groups if g.kind == "inner channel"):
         for c in (~pu.unit_alive(g, hard)).nonzero().flatten().tolist():
             assert all(not bool(t.any()) for t in channel_params(model, blk, c)), (blk, c)
     if struct == "refill":
@@ -370,3 +372,21 @@ def test_mamba_run_resumes_exactly_after_sigterm(tmp_path):
     for kind in ("hard", "imp", "target", "penalty"):
         assert all(torch.equal(a["masks"][kind][n], b["masks"][kind][n]) for n in a["masks"][kind])
     assert all(torch.equal(a["state_dict"][n], b["state_dict"][n]) for n in a["state_dict"])
+
+
+@pytest.mark.slow
+def test_mamba_compact_training_equals_masked_training(run_main, tmp_path):
+    """Refill state 1 trains the physically narrower Mamba (--compact_train auto): the same
+    weights (<= 1e-4) and masks as masked dense training (off)."""
+    flags = ("--arch", "mamba_tiny", "--depth", "1", "--struct", "refill", "--rate", "0.4", "--pruning_times", "2")
+    cks = []
+    for mode in ("auto", "off"):
+        rc, d, err = run_main(*flags, "--epochs", "1", "--compact_train", mode, save_dir=tmp_path / mode)
+        assert rc == 0, err
+        cks.append(_load(d, 1))
+        with open(os.path.join(d, "summary.json")) as f:
+            ratio = json.load(f)[1]["train_mac_ratio"]
+        assert (ratio < 0.9) if mode == "auto" else ratio == 1.0  # auto really trained the narrower model
+    a, b = cks
+    assert all(torch.equal(a["mask"][n], b["mask"][n]) for n in a["mask"])
+    assert max(float((a["state_dict"][k] - b["state_dict"][k]).abs().max()) for k in a["state_dict"]) <= 1e-4
