@@ -13,13 +13,13 @@ import shlex
 import sys
 import tempfile
 
+from common import bench_parser, record
+
 import torch
 
 import main_imp_fillback as mif  # noqa: E402  (common puts the repository root on sys.path)
 from imp_loop import IMPRun  # noqa: E402
 from trainer import build_optimizer, build_scheduler, grad_scaler  # noqa: E402
-
-from common import bench_parser, record
 
 TARGET = 1.3
 

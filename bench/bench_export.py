@@ -15,13 +15,13 @@ from __future__ import annotations
 import shlex
 import sys
 
+from common import apply_threads, bench_parser, machine, record
+
 import torch
 
 import export  # noqa: E402  (common puts the repository root on sys.path)
 import pruning_utils as pu  # noqa: E402
 from models import create_model  # noqa: E402
-
-from common import apply_threads, bench_parser, machine, record
 
 TARGET = 0.9  # of the MAC ratio
 

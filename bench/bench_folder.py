@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+from common import apply_threads, bench_parser, median_seconds, record
+
 import numpy as np
 import torch
 from PIL import Image
@@ -25,8 +27,6 @@ from PIL import Image
 import dataset as D
 import folder_data as FD
 import loaders as L
-
-from common import apply_threads, bench_parser, median_seconds, record
 
 
 def write_jpegs(root: str, classes: int, per_class: int, seed: int = 0) -> None:

@@ -13,12 +13,12 @@ import shlex
 import sys
 import time
 
+from common import apply_threads, bench_parser, machine, record
+
 import torch
 
 import dataset as D  # noqa: E402  (common puts the repository root on sys.path)
 import loaders as L  # noqa: E402
-
-from common import apply_threads, bench_parser, machine, record
 
 
 def images_per_second(loader, device: torch.device, epochs: int = 2) -> float:

@@ -20,13 +20,13 @@ import subprocess
 import sys
 import time
 
+from common import ROOT, apply_threads, bench_parser, machine, median_seconds, record
+
 import torch
 
 import pruning_utils as pu  # noqa: E402  (common puts the repository root on sys.path)
 from models import create_model  # noqa: E402
 from vit_pruning_utils import vit_unit_groups  # noqa: E402
-
-from common import ROOT, apply_threads, bench_parser, machine, median_seconds, record
 
 TARGET_S, TARGET_FLOOR = 1.0, 2.0
 

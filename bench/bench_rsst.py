@@ -28,12 +28,12 @@ import subprocess
 import sys
 import time
 
+from common import ROOT, apply_threads, record
+
 import torch
 import yaml
 
 import main_imp_fillback as mif  # noqa: E402  (common puts the repository root on sys.path)
-
-from common import ROOT, apply_threads, record
 
 COMMON = ["--dataset", "digits", "--threads", "1", "--wandb", "disabled"]
 CNN = ["--arch", "res20s", "--rate", "0.2", "--pruning_times", "5", "--epochs", "15", "--batch_size", "64"]

@@ -18,9 +18,9 @@ import sys
 import tempfile
 import time
 
-import torch
-
 from common import ROOT, bench_parser, record
+
+import torch
 
 CONFIGS = {
     "vit_refill": ["--arch", "vit_tiny", "--struct", "refill", "--vit_structured", "--vit_prune_target", "both"],

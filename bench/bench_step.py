@@ -17,6 +17,8 @@ import statistics
 import sys
 import time
 
+from common import apply_threads, bench_parser, machine, median_seconds, record
+
 import torch
 import torch.nn.functional as F
 
@@ -24,8 +26,6 @@ import pruning_utils as pu  # noqa: E402  (common puts the repository root on sy
 from models import create_model  # noqa: E402
 from rsst import RSSTPenalty  # noqa: E402
 from vit_pruning_utils import vit_unit_groups  # noqa: E402
-
-from common import apply_threads, bench_parser, machine, median_seconds, record
 
 TARGET = 0.05
 

@@ -40,3 +40,24 @@ def test_methods_without_the_base_method_run_the_base(monkeypatch, tmp_path):
 def test_an_ablation_alone_runs_its_base_groups_base(monkeypatch, tmp_path):
     runs = started_runs(monkeypatch, tmp_path, "--groups", "vit_ablation", "--methods", "schedule x")
     assert runs == {"vit/refill_seed1": 3, "vit_ablation/schedule_x_seed1": 3}
+
+
+@pytest.mark.slow
+def test_every_bench_script_starts_from_any_folder(tmp_path):
+    """Each bench script finds the repository by itself (bench/common.py is imported before any repository
+    module): `python bench/X.py --help` exits 0 when run from another folder."""
+    import subprocess
+
+    scripts = sorted(f for f in os.listdir(os.path.join(ROOT, "bench")) if f.startswith("bench_") and f.endswith(".py"))
+    procs = {
+        f: subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "bench", f), "--help"],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for f in scripts
+    }
+    failed = {f: p.communicate(timeout=300)[1].strip().splitlines()[-1:] for f, p in procs.items()}
+    assert len(scripts) >= 10 and not {f: e for f, e in failed.items() if procs[f].returncode != 0}
