@@ -13,12 +13,11 @@ from __future__ import annotations
 import shlex
 import sys
 
+from common import apply_threads, bench_parser, median_seconds, record
+
 import torch
 from timm.models.vision_transformer import Block
 
-from common import apply_threads, bench_parser, median_seconds, record
-
-# isort: split
 from models import create_model  # noqa: E402  (common puts the repository root on sys.path)
 from models.selective_scan import selective_scan, selective_scan_ref  # noqa: E402
 
