@@ -83,8 +83,13 @@ GROUPS = {
         },
         "seeds": [1, 2],
     },
-    "mamba_vit_dense": {  # the dense reference at a similar parameter count (vit_tiny at depth 1: ~0.3 M)
-        "flags": ["--arch", "vit_tiny", "--depth", "1", "--pruning_times", "1", *MAMBA[6:]],
+    "mamba_dense": {  # dense only, 10 epochs: mamba_tiny depth 2 against vit_tiny depth 1 (both ~0.3 M parameters)
+        "flags": ["--arch", "mamba_tiny", "--depth", "2", "--pruning_times", "1", "--epochs", "10", *MAMBA[8:]],
+        "methods": {"mamba_tiny dense": ["--struct", "refill"]},
+        "seeds": [1, 2],
+    },
+    "vit_dense": {
+        "flags": ["--arch", "vit_tiny", "--depth", "1", "--pruning_times", "1", "--epochs", "10", *MAMBA[8:]],
         "methods": {"vit_tiny dense": ["--struct", "refill"]},
         "seeds": [1, 2],
     },
