@@ -83,6 +83,15 @@ GROUPS = {
         },
         "seeds": [1, 2],
     },
+    "mamba_e6": {  # the mamba group at 6 epochs per state
+        "flags": ["--arch", "mamba_tiny", *MAMBA[:6], "--epochs", "6", *MAMBA[8:]],
+        "methods": {
+            "Refill": ["--struct", "refill"],
+            "RSST calibrated": ["--struct", "rsst"],
+            "IMP unstructured": ["--struct", "rsst", "--unstructured"],
+        },
+        "seeds": [1, 2],
+    },
     "mamba_dense": {  # dense only, 10 epochs: mamba_tiny depth 2 against vit_tiny depth 1 (both ~0.3 M parameters)
         "flags": ["--arch", "mamba_tiny", "--depth", "2", "--pruning_times", "1", "--epochs", "10", *MAMBA[8:]],
         "methods": {"mamba_tiny dense": ["--struct", "refill"]},
