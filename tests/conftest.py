@@ -65,6 +65,19 @@ def refill_run(tmp_path_factory) -> str:
 
 
 @pytest.fixture
+def shallow_vits(monkeypatch) -> int:
+    """In-process runs of this test build their ViTs with 2 blocks (same width, heads and MLP); returns the depth."""
+    import imp_loop
+    from models import create_model, is_vit
+
+    def build(name, num_classes, img_size=None, **kw):
+        return create_model(name, num_classes, img_size, **({"depth": 2} if is_vit(name) else {}), **kw)
+
+    monkeypatch.setattr(imp_loop, "create_model", build)
+    return 2
+
+
+@pytest.fixture
 def run_main(tmp_path, capsys):
     """Run main_imp_fillback.main in-process with small defaults; returns (rc, save_dir, stderr)."""
     from main_imp_fillback import main

@@ -96,9 +96,9 @@ def _vit_run(run_main, struct, *extra):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("struct", ["refill", "rsst"])
-def test_vit_head_and_neuron_masks_are_quasi_structured(run_main, struct):
+def test_vit_head_and_neuron_masks_are_quasi_structured(run_main, shallow_vits, struct):
     d = _vit_run(run_main, struct)
-    model = create_model("vit_tiny", 10, 32)
+    model = create_model("vit_tiny", 10, 32, depth=shallow_vits)
     for k in (1, 2):
         ck = load(d, k)
         hard = masks_of(ck)
@@ -176,7 +176,7 @@ def test_rsst_calibrated_removes_at_reg_end_then_recovers(run_main):
     "arch, mode, scaled",
     [("vit_tiny", "auto", True), ("vit_tiny", "off", False), ("res20s", "auto", False), ("res20s", "on", True)],
 )
-def test_reg_scale_updates_auto_is_on_for_adamw_only(tmp_path, capsys, arch, mode, scaled):
+def test_reg_scale_updates_auto_is_on_for_adamw_only(tmp_path, capsys, shallow_vits, arch, mode, scaled):
     rc = mif.main(
         [
             "--dataset",
@@ -395,7 +395,7 @@ def test_non_finite_loss_later_keeps_good_checkpoints(run_main, monkeypatch):
 
 
 @pytest.mark.slow
-def test_args_yaml_is_resolved_config(run_main):
+def test_args_yaml_is_resolved_config(run_main, shallow_vits):
     rc, d, _ = run_main("--arch", "vit_tiny", "--pruning_times", "1", "--epochs", "1")
     assert rc == 0
     with open(os.path.join(d, "args.yaml")) as f:

@@ -75,7 +75,8 @@ def torchrun(*flags, save_dir, wait=True, cwd=ROOT):
 
 
 def digests(stdout: str, state: int) -> dict:
-    return dict(re.findall(rf"rank (\d) state {state} mask digest (\S+)", stdout))
+    # the ranks share stdout, so a line may run into the next one: match the number only
+    return dict(re.findall(rf"rank (\d) state {state} mask digest (-?\d+\.\d)", stdout))
 
 
 def one_process_test_eval(ck: dict) -> dict:
@@ -165,7 +166,7 @@ def test_resume_with_another_world_size_exits_2(run_main, refill_run, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(RUNS))
-def test_forced_gpu_paths_run_on_cpu(run_main, monkeypatch, arch):
+def test_forced_gpu_paths_run_on_cpu(run_main, monkeypatch, shallow_vits, arch):
     """RSST_FORCE_GPU_PATHS: bf16 autocast, channels_last CNNs and torch.compile (eager backend) on
     the CPU, the same branches a CUDA run takes."""
     monkeypatch.setenv("RSST_FORCE_GPU_PATHS", "1")

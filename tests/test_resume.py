@@ -103,6 +103,7 @@ def test_garbage_latest_falls_back_to_state_checkpoint(uninterrupted, tmp_path):
     assert_same_run(uninterrupted, tmp_path)
 
 
+@pytest.mark.slow  # a run process: interpreter and torch start
 def test_no_readable_checkpoint_exits_2(tmp_path):
     for name in ("latest.pth.tar", "0checkpoint.pth.tar"):
         with open(os.path.join(tmp_path, name), "wb") as f:
