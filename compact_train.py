@@ -48,9 +48,11 @@ def scatter_(dst: torch.Tensor, src: torch.Tensor, ix: dict[int, torch.Tensor]) 
 
 def mask_pairs(model: nn.Module, family, hard: pu.Masks) -> tuple[list, list]:
     """(tensors, 0/1 values) the hard mask zeroes after every step: the prunable weights, and the
-    BatchNorm scale and shift of CNN channels left without weights (`pu.dead_norm_masks`)."""
+    BatchNorm scale and shift and the extras (a Mamba channel's conv1d, A_log, D, biases) of units
+    left without weights (`pu.dead_norm_masks`)."""
     weights, modules = pu.prunable_weights(model), dict(model.named_modules())
-    norms = pu.dead_norm_masks(family.unit_kinds(model).get("channels", []), modules, hard)
+    groups = [g for gs in family.unit_kinds(model).values() for g in gs]
+    norms = pu.dead_norm_masks(groups, modules, hard)
     tensors = [weights[n] for n in hard] + [t for t, _ in norms]
     return tensors, [pu.mask_like(hard[n], weights[n]) for n in hard] + [m for _, m in norms]
 

@@ -71,6 +71,8 @@ class Run:
         parts.append(f"rate {c.get('rate')}")
         if c.get("vit_structured"):
             parts.append(f"target {c.get('vit_prune_target')}")
+        elif c.get("mamba_prune_target") and self.method != "IMP-unstructured":
+            parts.append(f"target {c.get('mamba_prune_target')}")
         if self.method == "Refill" and c.get("fillback_rate"):
             parts.append(f"fill {c.get('fillback_rate')}")
         if self.method == "RSST":  # the penalty settings that differ from the defaults

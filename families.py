@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from models import MODELS, TIMM_PREFIX
 
-FAMILY_MODULES: tuple[str, ...] = ()  # modules that define and register further families
+FAMILY_MODULES: tuple[str, ...] = ("mamba_family",)  # modules that define and register further families
 
 
 @dataclass(frozen=True)

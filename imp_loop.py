@@ -114,7 +114,8 @@ class IMPRun(CompactTraining):
         with rank_zero_first(self.dist):  # one download, then every rank reads it
             self.data = load_splits(args.dataset, args.data, strong, args.synthetic_size, args.img_size, norm)
         try:
-            self.model = create_model(args.arch, self.data.num_classes, self.data.img_size).to(self.device)
+            kw = self.model_kwargs = {"depth": args.depth} if getattr(args, "depth", None) else {}  # --depth
+            self.model = create_model(args.arch, self.data.num_classes, self.data.img_size, **kw).to(self.device)
         except ValueError as e:  # an arch the ViT regroup cannot handle
             raise UsageError(str(e)) from None
         forced = os.environ.get("RSST_FORCE_GPU_PATHS") == "1"  # tests: a CUDA run's branches on the CPU
@@ -170,7 +171,7 @@ class IMPRun(CompactTraining):
 
     # ---- masks
     def set_ticket(self, ticket: Ticket) -> None:
-        """Adopt `ticket`; its hard mask, plus the BN entries of the channels it drops, is what
+        """Adopt `ticket`; its hard mask, plus the BN entries and extras of the units it drops, is what
         `apply_hard` zeroes after every step."""
         self.ticket = ticket
         self.set_hard(ticket.hard)
@@ -224,10 +225,9 @@ class IMPRun(CompactTraining):
         )
         if any(r["kind"] == "head" for r in reports):
             self.say(head_report(self.model, reports))
-        for kind in ("channel", "neuron"):
-            rs = [r for r in reports if r["kind"] == kind]
-            if rs:
-                self.say(f"  {kind}s kept per layer: " + " ".join(f"{r['kept']}/{r['num_units']}" for r in rs))
+        for kind in dict.fromkeys(r["kind"] for r in reports if r["kind"] != "head"):  # (inner) channel, neuron
+            kept = " ".join(f"{r['kept']}/{r['num_units']}" for r in reports if r["kind"] == kind)
+            self.say(f"  {kind}s kept per layer: {kept}")
 
     # ---- one state
     def new_penalty(self, step: int = 0, last_lambda: float = 0.0) -> RSSTPenalty:
@@ -559,6 +559,7 @@ class IMPRun(CompactTraining):
             "dataset": self.args.dataset,
             "num_classes": self.data.num_classes,
             "img_size": self.data.img_size,
+            "model_kwargs": self.model_kwargs,
             "config": dict(vars(self.args)),
             "state_dict": self.model.state_dict(),
             "world": self.dist.world,

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("Model")
     g.add_argument("--arch", default="res20s", choices=ARCH_CHOICES, help="model (timm:NAME: a timm ViT)")
+    g.add_argument("--depth", type=int, default=None, help="blocks of a ViT or Mamba arch (default: the arch's)")
     g.add_argument("--init", default=None, help="init weights file (default: create init.pth.tar in the save dir)")
     g.add_argument(
         "--vit_pretrained", action="store_true", help="start ViTs from timm ImageNet weights (needs network)"
@@ -165,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=VIT_TARGETS,
         help="unit kinds regrouped with --vit_structured (default: head)",
     )
+    g = p.add_argument_group("Mamba")
+    g.add_argument(
+        "--mamba_prune_target",
+        default=None,
+        choices=("ssm", "mlp", "both"),
+        help="Mamba units regrouped: SSM inner channels (ssm), MLP neurons (mlp) or both (default: both)",
+    )
     g = p.add_argument_group("Output")
     g.add_argument("--save_dir", default=None, help="output folder (default: {dataset}_{struct}_output_{run name})")
     g.add_argument("--exp_name", default=None, help="run name (default: auto)")
@@ -236,6 +244,14 @@ def validate(args: argparse.Namespace) -> None:
         (
             a.vit_prune_target is None or a.vit_structured,
             f"--vit_prune_target {a.vit_prune_target}: needs --vit_structured (and a ViT arch)",
+        ),
+        (
+            a.depth is None or (a.depth >= 1 and family.name in ("vit", "mamba")),
+            f"--depth {a.depth}: needs a ViT or Mamba arch and must be >= 1",
+        ),
+        (
+            a.mamba_prune_target is None or family.name == "mamba",
+            f"--mamba_prune_target {a.mamba_prune_target}: needs a Mamba arch (got --arch {a.arch})",
         ),
         (
             a.prune_type != "pt" or a.pretrained or a.pretrained_file,
@@ -320,6 +336,8 @@ def resolve(args: argparse.Namespace) -> None:
     fill_recipe(args, family)
     if args.vit_structured and args.vit_prune_target is None:
         args.vit_prune_target = "head"
+    if family.name == "mamba" and args.mamba_prune_target is None:
+        args.mamba_prune_target = "both"
     if args.workers is None:
         args.workers = 0 if args.dataset in ("digits", "synthetic", "cifar10", "cifar100") else default_workers()
     if args.exp_name is None:

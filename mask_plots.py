@@ -1,7 +1,8 @@
 """Mask pictures: units kept per layer across states (masks.png).
 
 A unit is kept when any of its weights is alive in the state's hard mask (`pruning_utils.unit_alive`).
-ViTs get two heatmaps (heads per block, MLP neurons per block), CNNs one (channels per conv);
+ViTs get two heatmaps (heads per block, MLP neurons per block), Vision Mambas two (SSM inner
+channels and MLP neurons per block), CNNs one (channels per conv);
 blocks or layers run along x, states along y, and every cell is annotated with its count.
 
     plot_masks("run/masks.png", "vit_tiny", [mask_state0, mask_state1], unit_kinds(model))
@@ -19,7 +20,7 @@ from families import family_of_model
 from reporting import pyplot
 
 UnitKinds = dict[str, list[pu.UnitGroup]]  # "heads" / "neurons" / "channels" -> groups, one per layer
-KIND_AXIS = {"heads": "block", "neurons": "block", "channels": "conv layer"}
+KIND_AXIS = {"heads": "block", "neurons": "block", "inner channels": "block", "channels": "conv layer"}
 
 
 def unit_kinds(model: nn.Module) -> UnitKinds:

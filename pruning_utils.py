@@ -2,9 +2,10 @@
 
 A mask is a value: a dict `{module name: bool tensor shaped like its weight}` kept beside the
 model (0/1 float tensors are accepted everywhere too). A *unit* is a group of weights kept or dropped whole
-(a conv output channel, a ViT head, a ViT MLP neuron); `UnitGroup` says which slices of which weights form
-the units of one layer, and which activation scores them. CNN channel groups live here; ViT head and neuron
-groups in `vit_pruning_utils.py`. See ALGORITHM.md for the specification.
+(a conv output channel, a ViT head, an MLP neuron, a Mamba inner channel); `UnitGroup` says which slices of
+which weights form the units of one layer, and which activation scores them. CNN channel groups live here; ViT
+head and neuron groups in `vit_pruning_utils.py`, Mamba channel and neuron groups in `mamba_pruning_utils.py`.
+See ALGORITHM.md for the specification.
 """
 
 from __future__ import annotations
@@ -159,7 +160,9 @@ class UnitGroup:
     `members[0]` is the unit-bearing weight whose density sets the layer budget. The
     activation is the output (or, with `act_input`, the input) of module `act_module`; its
     dimension `act_dim` holds `num_units` contiguous slices, one per unit. `norm` names the
-    BatchNorm that normalizes each unit's output (CNN channels), if any.
+    BatchNorm that normalizes each unit's output (CNN channels), if any. `extras` are other
+    per-unit parameters (full parameter names, e.g. a Mamba channel's conv1d bias, A_log row
+    and D entry): not magnitude pruned, but zeroed with the unit when it is dropped.
     """
 
     layer: str
@@ -170,6 +173,7 @@ class UnitGroup:
     act_input: bool
     act_dim: int
     norm: str | None = None
+    extras: tuple[Member, ...] = ()
 
 
 def unit_view(t: torch.Tensor, member: Member) -> torch.Tensor:
@@ -218,19 +222,34 @@ def units_kept(groups: list[UnitGroup], masks: Masks) -> list[int]:
     return [int(unit_alive(g, masks).sum()) for g in groups]
 
 
+def extra_masks(
+    group: UnitGroup, modules: dict[str, nn.Module], units: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, 0/1 mask) for each of the group's `extras`, 1 exactly on the slices of `units`."""
+    out = []
+    for m in group.extras:
+        parent, _, attr = m.name.rpartition(".")
+        p = getattr(modules[parent], attr)
+        out.append((p, expand_units(units, m, p).to(p.dtype)))
+    return out
+
+
 def dead_norm_masks(
     groups: list[UnitGroup], modules: dict[str, nn.Module], masks: Masks
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(BN weight, 0/1 mask) and (BN bias, mask) for every channel group whose BatchNorm has a
-    channel with no weight left in `masks`: masking them like weights makes a dropped channel
-    output exactly 0 (not relu(bn(0))), so the masked network is its compact export."""
+    channel with no weight left in `masks`, and (extra, mask) for the `extras` of such units:
+    masking them like weights makes a dropped unit output exactly 0 (not relu(bn(0))), so the
+    masked network is its compact export."""
     out = []
     for g in groups:
         alive = unit_alive(g, masks)
-        if g.norm is None or bool(alive.all()):
+        if bool(alive.all()):
             continue
-        bn = modules[g.norm]
-        out += [(bn.weight, alive.to(bn.weight.dtype)), (bn.bias, alive.to(bn.bias.dtype))]
+        out += extra_masks(g, modules, alive)
+        if g.norm is not None:
+            bn = modules[g.norm]
+            out += [(bn.weight, alive.to(bn.weight.dtype)), (bn.bias, alive.to(bn.bias.dtype))]
     return out
 
 

@@ -61,7 +61,7 @@ def state_row(state: int, ticket, report: dict, groups: list, st: dict, pen, pla
         "compression": round(1 / max(remaining, 1e-12), 4),
         "heads_kept": _units(report.get("heads"), hard),
         "neurons_kept": _units(report.get("neurons"), hard),
-        "channels_kept": _units(report.get("channels"), hard),
+        "channels_kept": _units(report.get("channels") or report.get("inner channels"), hard),  # CNN or Mamba
         "structured_sparsity": round(100 * (1 - kept / total), 4) if total else None,
         "best_epoch": st["best"].get("epoch"),
         "best_val_acc": st["best"]["val_acc"],
@@ -230,7 +230,7 @@ def plot_summary(path: str, rows: list[dict], title: str) -> None:
 
 def auto_run_name(args, vit: bool) -> str:
     """struct, arch, dataset, schedule/reg/exponents (rsst) or fill rate (refill), criteria,
-    rate, struct_{target} with --vit_structured, timestamp."""
+    rate, struct_{target} with --vit_structured (or a Mamba's regroup), timestamp."""
     parts = [args.struct, args.arch.replace(":", "-"), args.dataset]  # timm:NAME -> timm-NAME (a path part)
     if args.struct == "rsst":
         parts += [args.RST_schedule.replace("^", ""), f"reg{args.reg_granularity_prune:g}"]
@@ -243,6 +243,8 @@ def auto_run_name(args, vit: bool) -> str:
     parts += [args.criteria, f"rate{args.rate:g}"]
     if args.vit_structured:
         parts.append(f"struct_{args.vit_prune_target or 'head'}")
+    elif getattr(args, "mamba_prune_target", None) and not args.unstructured:
+        parts.append(f"struct_{args.mamba_prune_target}")
     elif args.unstructured or vit:
         parts.append("unstructured")
     return "_".join(parts + [time.strftime("%Y%m%d-%H%M%S")])

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pruning_utils import mask_like, unit_alive
+from pruning_utils import extra_masks, mask_like, unit_alive
 
 _E1 = np.e - 1.0
 MAX_SHRINK = 0.999
@@ -230,13 +230,16 @@ def norm_penalty(groups, modules: dict, penalty_masks: dict[str, torch.Tensor]) 
     """(BN weight, mask) and (BN bias, mask) for the channels a regroup drops while they still
     hold weights in P. A BatchNorm after a conv makes the filter's scale irrelevant, so
     shrinking the filter alone never fades the channel out (train mode renormalizes it, eval
-    mode lags behind); shrinking the channel's BN scale and shift does."""
+    mode lags behind); shrinking the channel's BN scale and shift does. The units' `extras`
+    (a Mamba channel's conv1d, A_log, D and dt bias entries) are shrunk with them, so the whole
+    unit fades out before it is removed."""
     out = []
     for g in groups:
-        if g.norm is None:
+        dropped = unit_alive(g, penalty_masks)
+        if not bool(dropped.any()):
             continue
-        dropped = unit_alive(g, penalty_masks).float()
-        if bool(dropped.any()):
-            bn = modules[g.norm]
-            out += [(bn.weight, dropped.to(bn.weight.device)), (bn.bias, dropped.to(bn.bias.device))]
+        out += [(p, m.to(p.device)) for p, m in extra_masks(g, modules, dropped)]
+        if g.norm is not None:
+            bn, d = modules[g.norm], dropped.float()
+            out += [(bn.weight, d.to(bn.weight.device)), (bn.bias, d.to(bn.bias.device))]
     return out

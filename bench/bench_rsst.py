@@ -54,6 +54,8 @@ VIT = [
     "--batch_size",
     "32",
 ]
+MAMBA = ["--depth", "2", "--rate", "0.3", "--pruning_times", "3", "--epochs", "3", "--augment", "light"]
+MAMBA += ["--batch_size", "32"]  # mamba_tiny's width, d_state and MLP at depth 2: ~0.3 M parameters, CPU minutes
 GROUPS = {
     "res20s": {
         "flags": CNN,
@@ -71,6 +73,25 @@ GROUPS = {
             "RSST calibrated": ["--struct", "rsst"],
             "RSST raw": ["--struct", "rsst", "--reg_mode", "raw"],
         },
+    },
+    "mamba": {
+        "flags": ["--arch", "mamba_tiny", *MAMBA],
+        "methods": {
+            "Refill": ["--struct", "refill"],
+            "RSST calibrated": ["--struct", "rsst"],
+            "IMP unstructured": ["--struct", "rsst", "--unstructured"],
+        },
+        "seeds": [1, 2],
+    },
+    "mamba_dense": {  # dense only, 10 epochs: mamba_tiny depth 2 against vit_tiny depth 1 (both ~0.3 M parameters)
+        "flags": ["--arch", "mamba_tiny", "--depth", "2", "--pruning_times", "1", "--epochs", "10", *MAMBA[8:]],
+        "methods": {"mamba_tiny dense": ["--struct", "refill"]},
+        "seeds": [1, 2],
+    },
+    "vit_dense": {
+        "flags": ["--arch", "vit_tiny", "--depth", "1", "--pruning_times", "1", "--epochs", "10", *MAMBA[8:]],
+        "methods": {"vit_tiny dense": ["--struct", "refill"]},
+        "seeds": [1, 2],
     },
     "ablation": {  # --reg_end on res20s RSST calibrated, seed 1 (0.5 is the res20s group's run)
         "flags": CNN,

@@ -1,7 +1,8 @@
 """Model registry: `create_model(name, num_classes, img_size)` and the list of names.
 
 Every model exposes `prunable_layers()` (module names whose `.weight` is pruned); ViTs also
-expose `blocks_layout()` (per-block qkv/proj/fc1/fc2 names, `num_heads`, `head_dim`). The
+expose `blocks_layout()` (per-block qkv/proj/fc1/fc2 names, `num_heads`, `head_dim`), Vision
+Mambas `mamba_layout()` (per-block mixer/MLP names, inner width, d_state). The
 registry names the module of each model and imports it on first use, so reading the names
 (the command line's `--arch` choices) costs no torch import. `timm:NAME` builds timm's
 VisionTransformer NAME (checked against timm when the model is built, see models/vit.py).
@@ -22,6 +23,11 @@ MODELS: dict[str, str] = {  # name -> module in this package that defines a func
     "vit_small_imagenet": "vit",
     "vit_base_imagenet": "vit",
     "vit_large_imagenet": "vit",
+    "mamba_tiny": "mamba",
+    "mamba_small": "mamba",
+    "mamba_base": "mamba",
+    "mamba_small_imagenet": "mamba",
+    "mamba_base_imagenet": "mamba",
 }
 MODEL_NAMES = sorted(MODELS)
 TIMM_PREFIX = "timm:"
@@ -41,6 +47,10 @@ ARCH_CHOICES = _ArchChoices(MODEL_NAMES + [TIMM_PREFIX + "NAME"])
 
 def is_vit(name: str) -> bool:
     return name.startswith(("vit_", TIMM_PREFIX))
+
+
+def is_mamba(name: str) -> bool:
+    return name.startswith("mamba_")
 
 
 def create_model(name: str, num_classes: int, img_size: int | None = None, **kw):

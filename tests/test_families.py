@@ -8,10 +8,10 @@ import torch
 
 import families
 import pruning_utils as pu
-from families import CNN, FAMILIES, VIT, family_named, family_of, family_of_model
+from families import CNN, VIT, family_named, family_of, family_of_model
 from models import MODEL_NAMES, create_model
 
-SMALL = {"vit": {"depth": 2}}  # ViT-Tiny width at depth 2: fast
+SMALL = {"vit": {"depth": 2}, "mamba": {"depth": 2}}  # ViT-Tiny width at depth 2: fast
 ARGS = argparse.Namespace(unstructured=False, vit_structured=True, vit_prune_target="both")
 
 
@@ -22,8 +22,9 @@ def _model(arch: str):
 
 @pytest.mark.parametrize("arch", MODEL_NAMES + ["timm:vit_tiny_patch16_224"])
 def test_every_arch_has_exactly_one_family(arch):
-    assert sum(f.matches(arch) for f in FAMILIES) == 1
-    assert family_of(arch) in FAMILIES
+    registered = families.families()  # FAMILIES plus the families of FAMILY_MODULES (Mamba)
+    assert sum(f.matches(arch) for f in registered) == 1
+    assert family_of(arch) in registered
 
 
 def test_families_named_and_unknown_arch():
@@ -40,11 +41,12 @@ def test_register_adds_a_family_once(monkeypatch):
     extra = families.Family(**{**VIT.__dict__, "name": "extra", "matches": lambda a: a == "extra_arch"})
     families.register(extra)
     families.register(extra)
-    assert [f.name for f in families.FAMILIES] == ["vit", "cnn", "extra"]
+    names = [f.name for f in families.FAMILIES]
+    assert names[:2] == ["vit", "cnn"] and names[-1] == "extra" and names.count("extra") == 1
     assert family_of("extra_arch") is extra
 
 
-@pytest.mark.parametrize("arch", ["vit_tiny", "res20s", "vgg16_bn"])
+@pytest.mark.parametrize("arch", ["vit_tiny", "res20s", "vgg16_bn", "mamba_tiny"])
 def test_unit_groups_cover_the_prunable_weights(arch):
     model = _model(arch)
     fam = family_of_model(model)
@@ -57,13 +59,15 @@ def test_unit_groups_cover_the_prunable_weights(arch):
             assert m.name in weights and torch.Size(m.shape).numel() == weights[m.name].numel()
             assert pu.unit_view(weights[m.name], m).shape[0] == g.num_units
             covered.add(m.name)
-    expected = {n for n, w in weights.items() if fam is VIT or w.dim() == 4}  # CNN: the classifier stays unstructured
+    expected = {
+        n for n, w in weights.items() if fam is not CNN or w.dim() == 4
+    }  # CNN: the classifier stays unstructured
     assert covered == expected
     kinds = fam.unit_kinds(model)
     assert {m.name for gs in kinds.values() for g in gs for m in g.members} == expected
 
 
-@pytest.mark.parametrize("arch", ["vit_tiny", "res20s", "vgg16_bn"])
+@pytest.mark.parametrize("arch", ["vit_tiny", "res20s", "vgg16_bn", "mamba_tiny"])
 def test_compact_of_all_ones_is_the_model(arch):
     model = _model(arch).eval()
     fam = family_of(arch)

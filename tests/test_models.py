@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import models
-from models import MODEL_NAMES, create_model, is_vit
+from models import MODEL_NAMES, create_model, is_mamba, is_vit
 
 # small variants for speed; full sizes are only built for parameter counts
 SMALL = {
@@ -21,8 +21,13 @@ SMALL = {
     "vit_small_imagenet": {"depth": 1},
     "vit_base_imagenet": {"depth": 1},
     "vit_large_imagenet": {"depth": 1},
+    "mamba_tiny": {"depth": 1},
+    "mamba_small": {"depth": 1},
+    "mamba_base": {"depth": 1},
+    "mamba_small_imagenet": {"depth": 1},
+    "mamba_base_imagenet": {"depth": 1},
 }
-CNNS = [n for n in MODEL_NAMES if not is_vit(n)]
+CNNS = [n for n in MODEL_NAMES if not (is_vit(n) or is_mamba(n))]
 VITS = [n for n in MODEL_NAMES if is_vit(n)]
 NUM_CLASSES = 7
 
