@@ -75,9 +75,9 @@ class CompactPhase:
     """The compact form of `dense` under `hard`, trained in its place until the state ends."""
 
     def __init__(self, dense: nn.Module, hard: pu.Masks, family):
-        self.dense, self.index = dense, {}
+        self.dense, self.index, self.desc = dense, {}, {}
         with torch.random.fork_rng(devices=[]):  # new layers draw an init: keep the run's RNG stream
-            self.model: nn.Module = compact_model(dense, hard, silent=True, index=self.index)
+            self.model: nn.Module = compact_model(dense, hard, silent=True, index=self.index, desc_out=self.desc)
         self.model.train(dense.training)
         self.hard = {n: gather(m, self.index.get(f"{n}.weight", {})) for n, m in hard.items()}
         self.mask_tensors, self.mask_values = mask_pairs(self.model, family, self.hard)
@@ -182,6 +182,7 @@ class CompactTraining:
                 torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.phase.model)
             self.net = wrap_for_training(self.phase.model, self.dist, self.device, self.args.compile)
             self.say(f"state {state:2d} trains the compact model: {self.mac_ratio():.3f} of the dense MACs per sample")
+            self.say("  " + self.family.describe(self.phase.desc, self.model).replace("\n", "\n  "))
         return time.perf_counter() - t0
 
     def mac_ratio(self) -> float:
