@@ -296,3 +296,18 @@ def test_rsst_labels_name_the_penalty_settings_that_differ_from_the_defaults():
     assert "reg_mode" not in label and "exponents" not in label
     refill = {**ablation, "struct": "refill"}
     assert "reg_end" not in compare.Run("c", refill, []).label  # Refill has no penalty
+
+
+@pytest.mark.parametrize(
+    "config, method",
+    [
+        ({"arch": "vit_tiny", "struct": "rsst"}, "IMP-unstructured"),  # a ViT regroups only with --vit_structured
+        ({"arch": "timm:deit_tiny_patch16_224", "struct": "rsst"}, "IMP-unstructured"),
+        ({"arch": "timm:deit_tiny_patch16_224", "struct": "refill", "vit_structured": True}, "Refill"),
+        ({"arch": "res20s", "struct": "rsst"}, "RSST"),  # CNNs and Mamba regroup by default
+        ({"arch": "mamba_tiny", "struct": "refill"}, "Refill"),
+        ({"arch": "mamba_tiny", "struct": "rsst", "unstructured": True}, "IMP-unstructured"),
+    ],
+)
+def test_method_follows_the_archs_family(config, method):
+    assert compare.Run("unused", config, []).method == method
