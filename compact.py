@@ -201,11 +201,20 @@ def compact_state(
     return family.compact_units(model, masks, sd, {} if index is None else index, silent), sd
 
 
-def compact_model(model: nn.Module, masks: dict[str, torch.Tensor], silent: bool = False, index: Index | None = None):
-    """The compact form of `model` under `masks` as a module (a resized copy, weights loaded)."""
+def compact_model(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    silent: bool = False,
+    index: Index | None = None,
+    desc_out: dict | None = None,
+):
+    """The compact form of `model` under `masks` as a module (a resized copy, weights loaded);
+    `desc_out` receives its description (as `compact_state` returns it)."""
     device = next(model.parameters()).device
     src = model if device.type == "cpu" else copy.deepcopy(model).cpu()  # the slicing runs on the CPU
     desc, sd = compact_state(src, masks, silent, index)
+    if desc_out is not None:
+        desc_out.update(desc)
     small = copy.deepcopy(src)
     family_named(desc["family"]).resize(small, desc)
     small.load_state_dict(sd)

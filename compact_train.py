@@ -15,6 +15,7 @@ unstructured masks) stays masked in the compact model: `mask_pairs` are re-appli
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import torch
@@ -71,12 +72,12 @@ class Live:
 
 
 class CompactPhase:
-    """The compact form of `dense` under `hard`, trained in its place until `end`."""
+    """The compact form of `dense` under `hard`, trained in its place until the state ends."""
 
     def __init__(self, dense: nn.Module, hard: pu.Masks, family):
-        self.dense, self.index = dense, {}
+        self.dense, self.index, self.desc = dense, {}, {}
         with torch.random.fork_rng(devices=[]):  # new layers draw an init: keep the run's RNG stream
-            self.model: nn.Module = compact_model(dense, hard, silent=True, index=self.index)
+            self.model: nn.Module = compact_model(dense, hard, silent=True, index=self.index, desc_out=self.desc)
         self.model.train(dense.training)
         self.hard = {n: gather(m, self.index.get(f"{n}.weight", {})) for n, m in hard.items()}
         self.mask_tensors, self.mask_values = mask_pairs(self.model, family, self.hard)
@@ -153,6 +154,11 @@ class CompactTraining:
     """The state loop's side of compact training (imp_loop.IMPRun mixes it in): when a state
     trains compact, the switch, the MAC ratio, and the way back to the dense model."""
 
+    @property
+    def live(self) -> nn.Module:
+        """The model in training: the compact one during a compact phase, else the dense one."""
+        return self.phase.model if self.phase is not None else self.model
+
     def train_form(self, state: int) -> str:
         """Which form trains `state` (the state header)."""
         if not self.compacts(state):
@@ -163,8 +169,10 @@ class CompactTraining:
         a, family = self.args, self.family
         return a.compact_train == "auto" and state > 0 and bool(self.groups) and family.compact_units is not None
 
-    def go_compact(self, state: int, opt) -> None:
-        """Train the compact model from here to the state end, when it removes anything."""
+    def go_compact(self, state: int, opt) -> float:
+        """Train the compact model from here to the state end, when it removes anything; returns
+        the seconds the switch took."""
+        t0 = time.perf_counter()
         self.phase = CompactPhase.build(self.model, self.ticket.hard, self.family) if self.compacts(state) else None
         if self.phase is not None:
             self.phase.adopt(opt)
@@ -174,6 +182,8 @@ class CompactTraining:
                 torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.phase.model)
             self.net = wrap_for_training(self.phase.model, self.dist, self.device, self.args.compile)
             self.say(f"state {state:2d} trains the compact model: {self.mac_ratio():.3f} of the dense MACs per sample")
+            self.say("  " + self.family.describe(self.phase.desc, self.model).replace("\n", "\n  "))
+        return time.perf_counter() - t0
 
     def mac_ratio(self) -> float:
         """Per-sample MACs of the model in training over the dense model's (1 when dense)."""
@@ -183,6 +193,11 @@ class CompactTraining:
             self.model, self.data.img_size, self.device
         )
         return macs_per_sample(self.phase.model, self.data.img_size, self.device) / self.dense_macs
+
+    def sync_dense(self) -> None:
+        """Write the compact model's weights into the dense model (during a compact phase)."""
+        if self.phase is not None:
+            self.phase.sync()
 
     def end_compact(self) -> None:
         """Back to the dense model, the compact one's weights written into it."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from families import family_of
 from reporting import pyplot
 
 METHODS = {"rsst": "RSST", "refill": "Refill"}
@@ -57,8 +58,11 @@ class Run:
     def method(self) -> str:
         """IMP-unstructured (no regroup), else RSST or Refill."""
         c = self.config
-        vit = str(c.get("arch", "")).startswith("vit_")
-        if c.get("unstructured") or (vit and not c.get("vit_structured")):
+        try:
+            regroups = family_of(str(c.get("arch", ""))).regroups(argparse.Namespace(**c))
+        except ValueError:  # an arch this version does not know: only the flag says
+            regroups = not c.get("unstructured")
+        if not regroups:
             return "IMP-unstructured"
         return METHODS.get(c.get("struct"), str(c.get("struct")))
 

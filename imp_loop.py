@@ -305,7 +305,7 @@ class IMPRun(CompactTraining):
             scaler.load_state_dict(ck["scaler"])
         out = {"opt": opt, "sched": sched, "pen": pen, "st": st, "scaler": scaler}
         if not pen.active or st["removal"] is not None:  # Refill; RSST after its removal step
-            self.go_compact(state, opt)
+            st["elapsed"] += self.go_compact(state, opt)  # the switch counts as training time
 
         def after_step() -> bool:
             if pen.active and not pen.done:
@@ -375,9 +375,8 @@ class IMPRun(CompactTraining):
     def _evaluate(self, loader) -> dict:
         """Loss and accuracy of the masked model (or the compact one training now) on `loader`, each rank
         on its shard, summed; every rank evaluates with rank 0's BatchNorm statistics (the model rank 0 saves)."""
-        model = self.phase.model if self.phase else self.model
-        broadcast_buffers(model, self.dist)
-        return evaluate(model, loader, self.device, self.amp, lambda t: all_sum(t, self.dist))
+        broadcast_buffers(self.live, self.dist)
+        return evaluate(self.live, loader, self.device, self.amp, lambda t: all_sum(t, self.dist))
 
     def _count_unreadable(self) -> None:
         """Unreadable images found so far in each split of an image folder (over all ranks, which
@@ -437,13 +436,13 @@ class IMPRun(CompactTraining):
         self.model.train()
         st["removal"] = {"step": pen.step_count, "soft": soft, "hard": hard, "norm_ratio": ratio}
         left = self.steps_per_epoch * a.epochs - pen.step_count
-        if left:
-            self.go_compact(state, opt)
         self.say(
             f"state {state:2d} RSST removal at step {pen.step_count}: penalized norm ratio {ratio:.3g} "
             f"(predicted {self.plan.predicted_ratio:.3g}), soft test acc {soft:.2f} -> hard {hard:.2f}"
             + (f"; recovering for {left} steps" if left else "")
         )
+        if left:
+            self.go_compact(state, opt)
         if a.reg_mode == "calibrated" and ratio > 10 * a.reg_target:
             self.say(
                 f"warning: penalized norm ratio {ratio:.3g} is above 10x --reg_target {a.reg_target:g}: "
@@ -551,8 +550,7 @@ class IMPRun(CompactTraining):
         self, state: int, epoch: int, phase: str, out: dict, partial: dict | None = None, slim: bool = False
     ) -> dict:
         """A checkpoint: weights and masks always; the optimizer and progress unless `slim`."""
-        if self.phase is not None:
-            self.phase.sync()  # checkpoints hold the dense model
+        self.sync_dense()  # checkpoints hold the dense model
         ck = {
             "phase": phase,
             "state": state,

@@ -51,6 +51,32 @@ def temp_dir_under_basetemp(tmp_path_factory):
     return tmp_path_factory.getbasetemp() / "tmp"
 
 
+@pytest.fixture(scope="session")
+def refill_run(tmp_path_factory) -> str:
+    """A finished res20s Refill run (2 states of 1 epoch, rate 0.5: channels dropped, on 96 synthetic images),
+    trained once for every test that only reads it (a test that changes files works on a copy)."""
+    from main_imp_fillback import main
+
+    d = str(tmp_path_factory.mktemp("refill_run"))
+    argv = ["--dataset", "synthetic", "--synthetic_size", "96", "--batch_size", "32", "--device", "cpu"]
+    argv += ["--arch", "res20s", "--struct", "refill", "--rate", "0.5", "--pruning_times", "2", "--epochs", "1"]
+    assert main(argv + ["--save_dir", d, "--wandb", "disabled"]) == 0
+    return d
+
+
+@pytest.fixture
+def shallow_vits(monkeypatch) -> int:
+    """In-process runs of this test build their ViTs with 2 blocks (same width, heads and MLP); returns the depth."""
+    import imp_loop
+    from models import create_model, is_vit
+
+    def build(name, num_classes, img_size=None, **kw):
+        return create_model(name, num_classes, img_size, **({"depth": 2} if is_vit(name) else {}), **kw)
+
+    monkeypatch.setattr(imp_loop, "create_model", build)
+    return 2
+
+
 @pytest.fixture
 def run_main(tmp_path, capsys):
     """Run main_imp_fillback.main in-process with small defaults; returns (rc, save_dir, stderr)."""

@@ -158,6 +158,7 @@ def test_refill_auto_equals_off(tmp_path, shallow_vit, flags, capsys):
     """Refill, 3 states: state 1 trains compact; weights within 1e-4, identical masks at the next regroup."""
     run = ["--struct", "refill", "--pruning_times", "3"] + flags
     off = _run(tmp_path, "off", *run, "--compact_train", "off")
+    assert "trains the compact model" not in capsys.readouterr().out
     auto = _run(tmp_path, "auto", *run, "--compact_train", "auto")
     out = capsys.readouterr().out
     assert "state  1 trains the compact model" in out and "trains compact ==" in out
@@ -175,10 +176,11 @@ def test_refill_auto_equals_off(tmp_path, shallow_vit, flags, capsys):
 def test_rsst_switches_at_removal(tmp_path, shallow_vit, capsys):
     run = VIT + SGD + ["--struct", "rsst", "--pruning_times", "2", "--reg_end", "0.5"]
     off = _run(tmp_path, "off", *run, "--compact_train", "off")
+    assert "trains the compact model" not in capsys.readouterr().out
     auto = _run(tmp_path, "auto", *run, "--compact_train", "auto")
     out = capsys.readouterr().out
     assert "trains compact from the RSST removal" in out
-    assert out.index("RSST removal at step") < out.index("state  1 trains the compact model")
+    assert out.index("state  1 RSST removal at step") < out.index("state  1 trains the compact model")
     a, b = _ck(off, 1), _ck(auto, 1)
     assert all(torch.equal(a["mask"][n], b["mask"][n]) for n in a["mask"])
     assert _max_kept_dw(a, b) <= 1e-4

@@ -78,6 +78,7 @@ def is_png(path):
         return f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_compare_three_runs_png_and_table(runs, tmp_path, capsys):
     out = str(tmp_path / "cmp")
     assert compare.main([runs["unstructured"], runs["refill"], runs["rsst"], "--out", out]) == 0
@@ -97,6 +98,7 @@ def test_compare_three_runs_png_and_table(runs, tmp_path, capsys):
         assert row[-1].startswith(f"{compare.best_state(summary)['state']}:")
 
 
+@pytest.mark.slow
 def test_run_labels_name_method_criterion_rate(runs):
     labels = {k: compare.load_run(d).label for k, d in runs.items()}
     assert labels["unstructured"].startswith("IMP-unstructured") and "0.2" in labels["unstructured"]
@@ -114,6 +116,7 @@ def _copy_run(src, dst, **config):
     return dst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key,value", [("dataset", "cifar100"), ("arch", "res20s")])
 def test_mixed_runs_refused_unless_allowed(runs, tmp_path, capsys, key, value):
     other = _copy_run(runs["rsst"], str(tmp_path / "other"), **{key: value})
@@ -157,6 +160,7 @@ def _heads_alive_from_qkv(mask, layout):
     return int((qkv.any(dim=(0, 2, 3)) | proj.any(dim=(0, 2))).sum())
 
 
+@pytest.mark.slow
 def test_plot_masks_counts_match_checkpoints(runs, tmp_path):
     model = shallow_model("vit_tiny", 10, 32)
     masks = mp.load_state_masks(runs["rsst"])
@@ -178,6 +182,7 @@ def test_plot_masks_counts_match_checkpoints(runs, tmp_path):
         assert all(b <= a for a, b in zip(kind[0], kind[1]))
 
 
+@pytest.mark.slow
 def test_masks_png_from_finished_run(runs):
     path = compare.masks_png_from_run(runs["refill"])
     assert path == os.path.join(runs["refill"], "masks.png") and is_png(path)
@@ -237,6 +242,7 @@ def test_wandb_sweep_grid_parses_as_main_flags():
         assert (args.criteria, args.rate) == combo
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 @pytest.mark.parametrize(
     "script,values,flag",
@@ -290,3 +296,18 @@ def test_rsst_labels_name_the_penalty_settings_that_differ_from_the_defaults():
     assert "reg_mode" not in label and "exponents" not in label
     refill = {**ablation, "struct": "refill"}
     assert "reg_end" not in compare.Run("c", refill, []).label  # Refill has no penalty
+
+
+@pytest.mark.parametrize(
+    "config, method",
+    [
+        ({"arch": "vit_tiny", "struct": "rsst"}, "IMP-unstructured"),  # a ViT regroups only with --vit_structured
+        ({"arch": "timm:deit_tiny_patch16_224", "struct": "rsst"}, "IMP-unstructured"),
+        ({"arch": "timm:deit_tiny_patch16_224", "struct": "refill", "vit_structured": True}, "Refill"),
+        ({"arch": "res20s", "struct": "rsst"}, "RSST"),  # CNNs and Mamba regroup by default
+        ({"arch": "mamba_tiny", "struct": "refill"}, "Refill"),
+        ({"arch": "mamba_tiny", "struct": "rsst", "unstructured": True}, "IMP-unstructured"),
+    ],
+)
+def test_method_follows_the_archs_family(config, method):
+    assert compare.Run("unused", config, []).method == method

@@ -4,6 +4,7 @@ per-rank CUDA RNG state, rank-0-first downloads, and refused world-size changes.
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,7 +75,8 @@ def torchrun(*flags, save_dir, wait=True, cwd=ROOT):
 
 
 def digests(stdout: str, state: int) -> dict:
-    return dict(re.findall(rf"rank (\d) state {state} mask digest (\S+)", stdout))
+    # the ranks share stdout, so a line may run into the next one: match the number only
+    return dict(re.findall(rf"rank (\d) state {state} mask digest (-?\d+\.\d)", stdout))
 
 
 def one_process_test_eval(ck: dict) -> dict:
@@ -90,21 +92,37 @@ def one_process_test_eval(ck: dict) -> dict:
     return evaluate(model, test, cpu)
 
 
+@pytest.fixture(scope="module")
+def torchrun_of(tmp_path_factory):
+    """arch -> (run folder, finished process) of an uninterrupted 2-rank run of RUNS[arch] under its automatic
+    run name, started once per module in an empty folder (the run folder is checked to be the only one)."""
+    done = {}
+
+    def get(arch):
+        if arch not in done:
+            cwd = tmp_path_factory.mktemp(f"torchrun_{arch}")
+            p = torchrun(*RUNS[arch], save_dir=None, cwd=cwd)
+            runs = os.listdir(cwd)
+            assert len(runs) == 1 and runs[0].startswith("synthetic_rsst_output_rsst_" + arch), (runs, p.stderr[-3000:])
+            done[arch] = (cwd / runs[0], p)
+        return done[arch]
+
+    return get
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(RUNS))
-def test_torchrun_two_ranks_three_states_same_masks(tmp_path, arch):
+def test_torchrun_two_ranks_three_states_same_masks(torchrun_of, arch):
     """Also: the reported test accuracy is that of the saved (rank 0) model, BatchNorm statistics
     included; the automatic run folder is rank 0's (one folder, in the launch directory)."""
-    p = torchrun(*RUNS[arch], save_dir=None, cwd=tmp_path)
+    d, p = torchrun_of(arch)
     assert p.returncode == 0, p.stderr[-3000:]
-    (run,) = os.listdir(tmp_path)
-    assert run.startswith("synthetic_rsst_output_rsst_" + arch)
-    tmp_path = tmp_path / run
     for state in range(3):
-        d = digests(p.stdout, state)
-        assert set(d) == {"0", "1"} and d["0"] == d["1"], (state, d)
+        digest = digests(p.stdout, state)
+        assert set(digest) == {"0", "1"} and digest["0"] == digest["1"], (state, digest)
     assert len(re.findall(r"== state 2 done", p.stdout)) == 1  # only rank 0 reports
-    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
-    ck = torch.load(os.path.join(tmp_path, "2checkpoint.pth.tar"), map_location="cpu", weights_only=True)
+    assert not [f for f in os.listdir(d) if f.endswith(".tmp")]
+    ck = torch.load(os.path.join(d, "2checkpoint.pth.tar"), map_location="cpu", weights_only=True)
     assert ck["world"] == 2 and any(bool(m.any()) for m in ck["masks"]["penalty"].values())
     if arch == "res20s":  # each rank's own BN statistics would give another loss
         reported, alone = ck["state_progress"]["history"][-1], one_process_test_eval(ck)
@@ -112,30 +130,31 @@ def test_torchrun_two_ranks_three_states_same_masks(tmp_path, arch):
         assert abs(alone["loss"] - reported["test_loss"]) < 1e-5 * max(1.0, alone["loss"]), (alone, reported)
 
 
-def test_torchrun_killed_then_resumed_matches_uninterrupted(tmp_path):
-    flags = ["--arch", "res20s", "--struct", "rsst", "--pruning_times", "2", "--epochs", "2"]
-    full = torchrun(*flags, save_dir=tmp_path / "full")
-    assert full.returncode == 0, full.stderr[-3000:]
+@pytest.mark.slow
+def test_torchrun_killed_then_resumed_matches_uninterrupted(torchrun_of, tmp_path):
+    full, p = torchrun_of("res20s")
+    assert p.returncode == 0, p.stderr[-3000:]
     cut = tmp_path / "cut"
-    p = torchrun(*flags, save_dir=cut, wait=False)
+    p = torchrun(*RUNS["res20s"], save_dir=cut, wait=False)
     deadline = time.time() + 600
     while not os.path.exists(cut / "1model_SA_best.pth.tar") and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert p.poll() is None, "the run ended before it could be killed"
-    os.killpg(p.pid, signal.SIGKILL)  # torchrun and both ranks, at once
+    os.killpg(p.pid, signal.SIGKILL)  # torchrun and both ranks at once, in state 1 of 3
     p.wait()
     resumed = torchrun("--resume", save_dir=cut)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for state in range(2):
-        a = torch.load(os.path.join(tmp_path / "full", f"{state}checkpoint.pth.tar"), weights_only=True)
+    for state in range(3):
+        a = torch.load(os.path.join(full, f"{state}checkpoint.pth.tar"), weights_only=True)
         b = torch.load(os.path.join(cut, f"{state}checkpoint.pth.tar"), weights_only=True)
         assert all(torch.equal(a["mask"][n], b["mask"][n]) for n in a["mask"])
         assert all(torch.equal(a["state_dict"][n], b["state_dict"][n]) for n in a["state_dict"])
 
 
-def test_resume_with_another_world_size_exits_2(run_main):
-    rc, d, _ = run_main("--arch", "res20s", "--pruning_times", "2", "--epochs", "1")
-    assert rc == 0
+@pytest.mark.slow
+def test_resume_with_another_world_size_exits_2(run_main, refill_run, tmp_path):
+    d = str(tmp_path / "run")
+    shutil.copytree(refill_run, d)
     ck_path = os.path.join(d, "0checkpoint.pth.tar")
     ck = torch.load(ck_path, weights_only=True)
     ck["world"] = 2
@@ -145,8 +164,9 @@ def test_resume_with_another_world_size_exits_2(run_main):
     assert rc == 2 and "2 process" in err and "nproc_per_node=2" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(RUNS))
-def test_forced_gpu_paths_run_on_cpu(run_main, monkeypatch, arch):
+def test_forced_gpu_paths_run_on_cpu(run_main, monkeypatch, shallow_vits, arch):
     """RSST_FORCE_GPU_PATHS: bf16 autocast, channels_last CNNs and torch.compile (eager backend) on
     the CPU, the same branches a CUDA run takes."""
     monkeypatch.setenv("RSST_FORCE_GPU_PATHS", "1")

@@ -173,6 +173,7 @@ sys.exit(0 if diff <= {tol!r} else 1)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [vit_checkpoint, channel_checkpoint], ids=["vit", "res20s"])
 def test_reload_in_fresh_process_gives_same_outputs(tmp_path, make):
     ck = make()
@@ -223,13 +224,10 @@ def test_cli_failed_equivalence_exits_1_and_writes_nothing(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_export_of_a_real_run_checkpoint(run_main, tmp_path, capsys):
+def test_export_of_a_real_run_checkpoint(refill_run, tmp_path, capsys):
     """End to end: a res20s channel run on synthetic data, exported from its state-1 checkpoint; --eval
     gives the masked model's test accuracy the run recorded, and the compact model's, equal to it."""
-    rc, save_dir, err = run_main(
-        "--arch", "res20s", "--struct", "refill", "--rate", "0.5", "--epochs", "1", "--pruning_times", "2"
-    )
-    assert rc == 0, err
+    save_dir = refill_run
     out = tmp_path / "compact.pt"
     assert (
         export.main(

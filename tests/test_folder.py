@@ -155,6 +155,7 @@ def test_recipe_for_pretrained_vits_is_fine_tuning_and_flags_override(weight_fil
 
 
 # ----------------------------------------------------------------------------- runs
+@pytest.mark.slow
 def test_rsst_heads_and_mlp_from_a_pretrained_file_on_a_folder(capsys, tree, weight_file, tmp_path):
     d = str(tmp_path / "run")
     rc = mif.main(
@@ -234,6 +235,7 @@ def test_rsst_heads_and_mlp_from_a_pretrained_file_on_a_folder(capsys, tree, wei
     assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_imagenet_layout_runs_one_state(run_main, tmp_path):
     root = write_tree(tmp_path / "imagenet", {"train": 10, "val": 2}, classes=3)
     rc, d, err = run_main(

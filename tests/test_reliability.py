@@ -96,6 +96,7 @@ def reference(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- lock
+@pytest.mark.slow
 def test_two_runs_on_one_save_dir_one_exits_2_the_other_is_intact(tmp_path):
     d = tmp_path / "shared"
     procs = [
@@ -148,6 +149,7 @@ def _kill_at(monkeypatch, method: str, state: int):
     monkeypatch.setattr(imp_loop.IMPRun, method, dying)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method", ["finish_state", "_write_reports"], ids=["between-last-epoch-and-pointer", "after-last-pointer"]
 )
@@ -164,6 +166,7 @@ def test_kill_at_the_last_state_end_then_resume_gives_the_full_summary(
     assert float(summary(d)[1]["final_lambda"]) > 0  # the RSST strength, restored from the checkpoint
 
 
+@pytest.mark.slow
 def test_kill_after_a_middle_state_pointer_rebuilds_its_plots(run_main, reference, monkeypatch, tmp_path):
     _kill_at(monkeypatch, "_write_reports", 1)
     with pytest.raises(Killed):
@@ -176,6 +179,7 @@ def test_kill_after_a_middle_state_pointer_rebuilds_its_plots(run_main, referenc
     assert os.path.isfile(os.path.join(d, "1_lambda.png"))
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_says_so(reference, tmp_path, capsys):
     import shutil
 
@@ -189,6 +193,7 @@ def test_resume_of_a_finished_run_says_so(reference, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------- full disk
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "error",
     [RuntimeError("[enforce fail at inline_container.cc] unexpected pos 4160"), OSError(28, "No space left on device")],
@@ -218,6 +223,7 @@ def test_full_disk_exits_1_leaves_no_partial_file_and_resumes_exactly(
     assert_same_run(reference["cnn"], d)
 
 
+@pytest.mark.slow
 def test_args_yaml_on_a_full_disk_exits_1_and_leaves_no_stuck_dir(run_main, monkeypatch, tmp_path):
     def full(*a, **kw):
         raise OSError(28, "No space left on device")
@@ -232,6 +238,7 @@ def test_args_yaml_on_a_full_disk_exits_1_and_leaves_no_stuck_dir(run_main, monk
 
 
 # ---------------------------------------------------------------------- damaged files
+@pytest.mark.slow
 def test_zeroed_state_checkpoint_with_good_latest_resumes(run_main, reference, monkeypatch, tmp_path):
     _kill_at(monkeypatch, "finish_state", 1)
     with pytest.raises(Killed):
@@ -255,6 +262,7 @@ def test_readers_skip_unreadable_files_with_a_warning(tmp_path, capsys):
     assert checkpoints.state_checkpoints(str(tmp_path)) == {0: str(tmp_path / "0checkpoint.pth.tar")}
 
 
+@pytest.mark.slow
 def test_kill_in_the_first_epoch_resume_starts_over(run_main, reference, monkeypatch, tmp_path):
     real = imp_loop.train_one_epoch
     monkeypatch.setattr(imp_loop, "train_one_epoch", lambda *a, **kw: (_ for _ in ()).throw(Killed()))
@@ -269,6 +277,7 @@ def test_kill_in_the_first_epoch_resume_starts_over(run_main, reference, monkeyp
     assert_same_run(reference["cnn"], d)
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_into_another_folder(run_main, reference, tmp_path):
     import shutil
 
@@ -289,6 +298,7 @@ def test_resume_from_a_checkpoint_into_another_folder(run_main, reference, tmp_p
 
 
 # --------------------------------------------------------------------- resume command
+@pytest.mark.slow
 def test_printed_resume_command_is_exact_and_runs(tmp_path):
     d = tmp_path / "a dir with spaces"
     p = subprocess.Popen(
@@ -322,16 +332,22 @@ KILLS = (
     ("1model_SA_best.pth.tar", 0.1),
     ("1checkpoint.pth.tar", 0.0),
 )
+# The ViT: the two mid-epoch moments, where its own randomness (drop path, mixup, TrivialAugment) is
+# in flight; startup and the moments around a state's files are the loop's, the same for every arch.
+VIT_KILLS = (KILLS[1], KILLS[3])
 
 
 def _start(cmd):
     return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-@pytest.mark.parametrize("flags", [CNN, VIT], ids=["res20s", "vit_tiny"])
-def test_sigkill_at_ten_moments_then_resume_is_identical(tmp_path, flags):
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, kills", [(CNN, KILLS), (VIT, VIT_KILLS)], ids=["res20s", "vit_tiny"])
+def test_sigkill_at_many_moments_then_resume_is_identical(tmp_path, flags, kills):
+    from main_imp_fillback import main
+
     full, d = tmp_path / "full", tmp_path / "cut"
-    assert subprocess.run(cli(*flags, save_dir=full), cwd=ROOT, env=ENV, capture_output=True).returncode == 0
+    assert main([*SMALL, *flags, "--save_dir", str(full)]) == 0  # the reference in-process: one process start less
     resume = [
         sys.executable,
         os.path.join(ROOT, "main_imp_fillback.py"),
@@ -346,7 +362,7 @@ def test_sigkill_at_ten_moments_then_resume_is_identical(tmp_path, flags):
         "disabled",
     ]
     killed = 0
-    for i, (marker, delay) in enumerate(KILLS):
+    for i, (marker, delay) in enumerate(kills):
         p = _start(cli(*flags, save_dir=d) if i == 0 else resume)
         deadline = time.time() + 300
         while not os.path.exists(d / marker) and p.poll() is None and time.time() < deadline:
@@ -355,7 +371,7 @@ def test_sigkill_at_ten_moments_then_resume_is_identical(tmp_path, flags):
         killed += p.poll() is None
         p.kill()
         p.wait()
-    assert killed >= 4  # the run was still going at (nearly) every moment
+    assert killed >= len(kills) - 1  # the run was still going at (nearly) every moment
     r = subprocess.run(resume, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_run(full, d)
@@ -410,6 +426,7 @@ def test_bad_numeric_flags_exit_2_with_one_line(run_main, flags, needle):
     assert not os.path.exists(d)
 
 
+@pytest.mark.slow
 def test_resume_refuses_an_explicit_flag_that_differs_even_a_default(run_main, tmp_path):
     rc, d, _ = run_main(*CNN[:-3], "1", "--epochs", "1", "--rate", "0.3", save_dir=tmp_path / "r")
     assert rc == 0
@@ -429,6 +446,7 @@ def test_failed_data_load_leaves_no_save_dir(run_main, tmp_path, monkeypatch):
 
 
 # -------------------------------------------------------------- export and compare
+@pytest.mark.slow
 def test_export_and_compare_check_out_before_the_work(reference, tmp_path, capsys):
     import compare
     import export
@@ -447,6 +465,7 @@ def test_export_and_compare_check_out_before_the_work(reference, tmp_path, capsy
         assert compare.main([reference["cnn"], "--out", str(ro / "cmp")]) == 2
 
 
+@pytest.mark.slow
 def test_compare_tolerates_null_fields_and_refuses_a_string_state(reference, tmp_path, capsys):
     import json
     import shutil

@@ -75,6 +75,7 @@ def test_rng_states_are_plain_data_and_restore_every_stream(tmp_path):
     assert np.random.rand(4).tolist() == ahead
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_latest_checkpoint_with_pickled_code(finished, run_main, tmp_path):
     d = shutil.copytree(finished, tmp_path / "run")
     marker = tmp_path / "code_ran"
@@ -103,6 +104,7 @@ def test_resume_refuses_a_latest_checkpoint_with_pickled_code(finished, run_main
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "pickled code" in err and not marker.exists()
 
 
+@pytest.mark.slow
 def test_compare_and_export_refuse_a_state_checkpoint_with_pickled_code(finished, tmp_path, capsys):
     import export
 
@@ -116,6 +118,7 @@ def test_compare_and_export_refuse_a_state_checkpoint_with_pickled_code(finished
     assert len(lines) == 2 and all("pickled code" in line for line in lines) and not marker.exists()
 
 
+@pytest.mark.slow
 def test_damaged_state_checkpoint_in_a_finished_run_is_skipped_by_every_report(finished, run_main, tmp_path, capsys):
     d = shutil.copytree(finished, tmp_path / "run")
     (d / "0checkpoint.pth.tar").write_bytes(b"\0" * 1000)
