@@ -30,13 +30,16 @@ class Family:
     - `strong_augment`: `--augment recipe` means TrivialAugment + mixup/cutmix (else crop/flip).
     - `channels_last`: convert the model to channels_last on CUDA (convs).
     - `regroups_by_default`: regroup into units without `--vit_structured` (CNN channels).
-    - `vit_flags`: takes --vit_structured, --vit_prune_target, --vit_pretrained, --pretrained_file.
+    - `vit_flags`: takes --vit_structured, --vit_prune_target, --vit_pretrained.
     - `unit_groups(model, args)`: the `pruning_utils.UnitGroup`s the regroup uses.
     - `unit_kinds(model)`: {row label of masks.png: groups}, e.g. heads and neurons per block.
     - `compact_units(model, masks, sd, index, silent)`: slice `sd` to the compact form (compact.py);
       returns the description `resize(model, desc)` rebuilds. None: the family cannot be compacted
       (no export, and --compact_train auto trains it masked dense).
     - `describe(desc, model)`: the units kept, in words (export, state header).
+    - `fit_weights(model, sd)`: loads a `--pretrained_file` state dict into a built model and
+      returns the info lines (ValueError when it does not fit; models/weights.py). None: the
+      family takes no --pretrained_file.
     """
 
     name: str
@@ -53,6 +56,7 @@ class Family:
     compact_units: Callable | None
     resize: Callable | None
     describe: Callable
+    fit_weights: Callable | None = None
 
     def regroups(self, args) -> bool:
         """Does this run regroup into units (else R = M, unstructured)?"""
@@ -96,6 +100,12 @@ def _vit_resize(*a):
     return resize_vit(*a)
 
 
+def _vit_fit(model, sd):
+    from models.weights import fit_state_dict
+
+    return fit_state_dict(model, sd)
+
+
 def _vit_describe(desc: dict, model) -> str:
     total_h, hidden = model.blocks[0].attn.num_heads, model.blocks[0].mlp.fc1.out_features
     return (
@@ -121,6 +131,7 @@ VIT = Family(
     compact_units=_vit_compact,
     resize=_vit_resize,
     describe=_vit_describe,
+    fit_weights=_vit_fit,
 )
 
 

@@ -7,11 +7,14 @@ Reads a timm / Hugging Face weight file (.safetensors through the `safetensors` 
 - a classifier of another class count is re-initialized (one info line says so);
 - any other difference (a missing, extra or differently shaped tensor) is a ValueError that
   names the first bad key, in the model's order.
+That is the ViT fit (`fit_state_dict`); a family may fit otherwise (its `fit_weights`, e.g.
+models/mamba.py `fit_mamba_state_dict`, which maps published Mamba names and loads partially).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -50,9 +53,9 @@ def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
 
 
-def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
-    """Load `sd` into `model` (see the module docstring); returns the info lines."""
-    own, sd, notes = model.state_dict(), dict(sd), []
+def fit_head(model: nn.Module, own: dict, sd: dict, notes: list[str]) -> dict:
+    """`sd` with the classifier of another class count (or none) replaced by the model's own
+    (one line in `notes`); `sd` itself when it fits."""
     head = _classifier(model)
     head_keys = [k for k in own if k.startswith(head + ".")]
     if any(k not in sd or sd[k].shape != own[k].shape for k in head_keys):
@@ -62,11 +65,16 @@ def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
         notes.append(f"classifier '{head}' re-initialized: the file has {n_file} classes, the model {n_model}")
         sd = {k: v for k, v in sd.items() if not k.startswith(head + ".")}
         sd.update({k: own[k] for k in head_keys})
+    return sd
+
+
+def fit_pos_embed(model: nn.Module, own: dict, sd: dict, notes: list[str], prefix: int) -> None:
+    """Resample sd["pos_embed"] in place to the model's patch grid (`prefix` leading tokens kept
+    as they are) when its length differs; ValueError when it cannot."""
     pos, mine = sd.get("pos_embed"), own.get("pos_embed")
     if pos is not None and mine is not None and pos.shape != mine.shape and pos.shape[-1] == mine.shape[-1]:
         from timm.layers import resample_abs_pos_embed
 
-        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
         try:
             sd["pos_embed"] = resample_abs_pos_embed(
                 pos.float(), list(model.patch_embed.grid_size), num_prefix_tokens=prefix
@@ -76,6 +84,14 @@ def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
                 f"first bad key 'pos_embed': cannot resample {_shape(pos)} to {_shape(mine)} ({type(e).__name__})"
             ) from None
         notes.append(f"pos_embed resampled from {pos.shape[1] - prefix} to {mine.shape[1] - prefix} patches")
+
+
+def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
+    """Load `sd` into `model` (see the module docstring); returns the info lines."""
+    own, sd, notes = model.state_dict(), dict(sd), []
+    sd = fit_head(model, own, sd, notes)
+    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    fit_pos_embed(model, own, sd, notes, prefix)
     for k, v in own.items():
         if k not in sd:
             raise ValueError(f"first bad key {k!r}: missing from the file")
@@ -88,18 +104,24 @@ def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
     return notes
 
 
-def load_weight_file(model: nn.Module, path: str) -> list[str]:
-    """Read `path` and fit it into `model`; returns the info lines, ValueError otherwise."""
+def load_weight_file(model: nn.Module, path: str, fit: Callable = fit_state_dict) -> list[str]:
+    """Read `path` and fit it into `model` with `fit(model, sd)` (a family's `fit_weights`);
+    returns the info lines, ValueError otherwise."""
     if not os.path.isfile(path):
         raise ValueError("file not found")
-    return fit_state_dict(model, read_weight_file(path))
+    return fit(model, read_weight_file(path))
 
 
 def load_pretrained(model: nn.Module, arch: str, path: str | None = None) -> list[str]:
     """The weights of `path`, or timm's ImageNet weights of `arch` from the hub (`path` None;
     needs network). Returns the info lines; ValueError when the weights do not fit."""
     if path:
-        return load_weight_file(model, path)
+        from families import family_of
+
+        family = family_of(arch)
+        if family.fit_weights is None:
+            raise ValueError(f"the {family.name} family takes no weight file")
+        return load_weight_file(model, path, family.fit_weights)
     from .vit import load_imagenet_weights
 
     return load_imagenet_weights(model, arch)
