@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--pretrained_file",
         default=None,
-        help="start a ViT from a local timm/HF weight file (.safetensors, .pth, .bin)",
+        help="start a ViT or Mamba arch from a local weight file (.safetensors, .pth, .bin; timm/HF, Vim, mamba_ssm)",
     )
     g = p.add_argument_group("Training (None: the per-family recipe, see docs/training.md)")
     g.add_argument("--epochs", type=int, default=80, help="epochs per state")
@@ -266,11 +266,11 @@ def validate(args: argparse.Namespace) -> None:
         (
             not a.pretrained_file
             or (
-                family.vit_flags
+                family.fit_weights is not None
                 and not (a.init or a.pretrained or a.vit_pretrained)
                 and a.pretrained_file.endswith((".safetensors", ".pth", ".pt", ".bin", ".tar"))
             ),
-            f"--pretrained_file {a.pretrained_file}: needs a ViT "
+            f"--pretrained_file {a.pretrained_file}: needs a ViT or Mamba "
             "arch and a .safetensors, .pth, .pt or .bin file; excludes --init, --pretrained and --vit_pretrained",
         ),
         (

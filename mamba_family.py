@@ -45,6 +45,12 @@ def _describe(desc: dict, model) -> str:
     )
 
 
+def _fit(model, sd):
+    from models.mamba import fit_mamba_state_dict
+
+    return fit_mamba_state_dict(model, sd)
+
+
 MAMBA = register(
     Family(
         name="mamba",
@@ -61,5 +67,6 @@ MAMBA = register(
         compact_units=_compact,
         resize=_resize,
         describe=_describe,
+        fit_weights=_fit,
     )
 )

@@ -15,6 +15,10 @@ design): the backward scan runs over the flipped sequence with its own `conv1d_b
 directions' outputs are averaged before out_proj. `direction="forward"` gives the single causal
 scan of the public code (a token then sees only the tokens before it in raster order).
 
+Published weights (`--pretrained_file`): `mamba_weight_names` maps Vim / mamba_ssm names to ours
+and `fit_mamba_state_dict` loads what maps (the MLPs, which Vim and mamba_ssm lack, keep their
+init); docs/mamba.md "Pretrained weights".
+
 Prunable: the weights of every block's Linear layers (in_proj, x_proj(_b), dt_proj(_b), out_proj,
 fc1, fc2); `mamba_layout()` names them per block with the inner width (mamba_pruning_utils.py).
 """
@@ -22,6 +26,7 @@ fc1, fc2); `mamba_layout()` names them per block with the inner width (mamba_pru
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -234,3 +239,73 @@ def mamba_small_imagenet(num_classes: int, img_size: int = 224, **kw) -> VisionM
 
 def mamba_base_imagenet(num_classes: int, img_size: int = 224, **kw) -> VisionMamba:
     return _mamba((384, 24, 16), num_classes, img_size, 16, **kw)
+
+
+# ------------------------------------------------------------------ published weights
+# Vim / mamba_ssm name -> ours (after a leading "backbone." is stripped); our own names pass through
+PUBLISHED_NAMES = (
+    (re.compile(r"^layers\.(\d+)\.mixer\."), r"blocks.\1.mixer."),
+    (re.compile(r"^layers\.(\d+)\.norm\."), r"blocks.\1.norm1."),
+    (re.compile(r"^norm_f\."), "norm."),
+)
+_MIXER = re.compile(r"^blocks\.(\d+)\.mixer\.")
+
+
+def mamba_weight_names(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """`sd` under our names: "backbone." stripped, layers.N.mixer. -> blocks.N.mixer.,
+    layers.N.norm. -> blocks.N.norm1., norm_f. -> norm.; returns it and the info lines."""
+    out, renamed = {}, []
+    for k, v in sd.items():
+        new = k[len("backbone.") :] if k.startswith("backbone.") else k
+        for pattern, repl in PUBLISHED_NAMES:
+            new = pattern.sub(repl, new)
+        if new != k:
+            renamed.append((k, new))
+        out[new] = v
+    notes = [f"renamed {len(renamed)} tensors (e.g. {renamed[0][0]} -> {renamed[0][1]})"] if renamed else []
+    return out, notes
+
+
+def _examples(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
+def fit_mamba_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
+    """Load Vim / mamba_ssm / our own weights into a VisionMamba, partially; returns the info lines.
+
+    Tensors that map (mamba_weight_names) and match in shape load. Every mixer tensor of a block
+    the file covers must be there; a shape mismatch is a ValueError naming the first bad key.
+    Model tensors the file lacks keep their initialization, file tensors with no place
+    (cls_token, embedding, lm_head, blocks beyond --depth) are ignored: one info line each.
+    A classifier of another class count is re-initialized; a pos_embed with class-token
+    positions loses the leading ones and is resampled to the model's grid (models/weights.py)."""
+    from .weights import _shape, fit_head, fit_pos_embed
+
+    own = model.state_dict()
+    sd, notes = mamba_weight_names(sd)
+    if not any(k in sd for k in own if _MIXER.match(k)):
+        raise ValueError("not Mamba weights: no tensor maps to a block's mixer (layers.N.mixer.* or blocks.N.mixer.*)")
+    if any(k.startswith("head.") for k in sd):
+        sd = fit_head(model, own, sd, notes)
+    pos, mine = sd.get("pos_embed"), own["pos_embed"]
+    if pos is not None and pos.ndim == 3 and pos.shape[1] != mine.shape[1] and pos.shape[-1] == mine.shape[-1]:
+        prefix = pos.shape[1] - math.isqrt(pos.shape[1]) ** 2  # class-token positions (the grid is square)
+        if prefix:
+            sd["pos_embed"] = pos[:, prefix:]
+            notes.append(f"pos_embed: dropped {prefix} leading class-token position(s), the model has none")
+        fit_pos_embed(model, own, sd, notes, 0)
+    covered = {m.group(1) for k in sd if (m := _MIXER.match(k))}
+    for k, v in own.items():
+        m = _MIXER.match(k)
+        if k not in sd:
+            if m and m.group(1) in covered:
+                raise ValueError(f"first bad key {k!r}: missing from the file")
+        elif sd[k].shape != v.shape:
+            raise ValueError(f"first bad key {k!r}: shape {_shape(sd[k])} in the file, {_shape(v)} in the model")
+    kept, ignored = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    if kept:
+        notes.append(f"kept their initialization: {len(kept)} tensors (e.g. {_examples(kept)})")
+    if ignored:
+        notes.append(f"ignored, no place in the model: {len(ignored)} tensors (e.g. {_examples(ignored)})")
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return notes

@@ -390,3 +390,111 @@ def test_mamba_compact_training_equals_masked_training(run_main, tmp_path):
     a, b = cks
     assert all(torch.equal(a["mask"][n], b["mask"][n]) for n in a["mask"])
     assert max(float((a["state_dict"][k] - b["state_dict"][k]).abs().max()) for k in a["state_dict"]) <= 1e-4
+
+
+# ------------------------------------------------------------------ published weights
+def vim_names(sd: dict) -> dict:
+    """Our state dict under Vim's names (layers.N.mixer / layers.N.norm / norm_f, no MLPs), with a
+    cls_token and a pos_embed holding one extra class-token position in front."""
+    import re
+
+    out = {}
+    for k, v in sd.items():
+        if ".mlp." in k or ".norm2." in k:
+            continue
+        k = re.sub(
+            r"^blocks\.(\d+)\.(mixer|norm1)\.", lambda m: f"layers.{m[1]}.{'norm' if m[2] == 'norm1' else 'mixer'}.", k
+        )
+        out[re.sub(r"^norm\.", "norm_f.", k)] = v.clone()
+    dim = sd["pos_embed"].shape[-1]
+    out["cls_token"] = torch.randn(1, 1, dim)
+    out["pos_embed"] = torch.cat([torch.randn(1, 1, dim), sd["pos_embed"]], 1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mamba_source():
+    torch.manual_seed(1)
+    return create_model("mamba_tiny", 10, 32, depth=2).state_dict()
+
+
+@pytest.fixture(scope="module")
+def vim_file(tmp_path_factory, mamba_source):
+    path = str(tmp_path_factory.mktemp("vim") / "vim.pth")
+    torch.save({"model": vim_names(mamba_source)}, path)
+    return path
+
+
+def _load_into_fresh(path):
+    from models.weights import load_pretrained
+
+    model = create_model("mamba_tiny", 10, 32, depth=2)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    return model.state_dict(), fresh, load_pretrained(model, "mamba_tiny", path)  # the CLI's loader
+
+
+def test_vim_names_load_the_mixers_and_keep_the_mlp_init(vim_file, mamba_source):
+    sd, fresh, notes = _load_into_fresh(vim_file)
+    mixer = [k for k in sd if ".mixer." in k]
+    assert len(mixer) == 2 * (len(MIXER_PARAMS) + len(BACKWARD_PARAMS))
+    assert all(torch.equal(sd[k], mamba_source[k]) for k in mixer + ["blocks.1.norm1.weight", "norm.bias"])
+    assert torch.equal(sd["pos_embed"], mamba_source["pos_embed"])  # the class-token position dropped
+    mlp = [k for k in sd if ".mlp." in k or ".norm2." in k]
+    assert mlp and all(torch.equal(sd[k], fresh[k]) for k in mlp)
+    assert any(n.startswith(f"kept their initialization: {len(mlp)} tensors (e.g. blocks.0.norm2.") for n in notes)
+    assert any(n.startswith("ignored, no place in the model: 1 tensors (e.g. cls_token)") for n in notes)
+    assert any("pos_embed: dropped 1 leading class-token position" in n for n in notes)
+
+
+def test_mamba_ssm_backbone_names_load_and_our_own_file_loads_exactly(tmp_path, mamba_source):
+    vim = vim_names(mamba_source)
+    lm = {f"backbone.{k}": v for k, v in vim.items() if k.startswith(("layers.", "norm_f."))}
+    lm |= {"backbone.embedding.weight": torch.randn(50, 96), "lm_head.weight": torch.randn(50, 96)}
+    path = str(tmp_path / "lm.pth")
+    torch.save(lm, path)
+    sd, fresh, notes = _load_into_fresh(path)
+    assert all(torch.equal(sd[k], mamba_source[k]) for k in sd if ".mixer." in k)
+    assert torch.equal(sd["pos_embed"], fresh["pos_embed"]) and torch.equal(sd["head.weight"], fresh["head.weight"])
+    assert any("ignored, no place in the model: 2 tensors (e.g. embedding.weight, lm_head.weight)" in n for n in notes)
+    own = str(tmp_path / "own.pth")
+    torch.save(mamba_source, own)
+    sd, _, notes = _load_into_fresh(own)
+    assert notes == [] and all(torch.equal(sd[k], mamba_source[k]) for k in sd)
+
+
+def test_mamba_weights_that_do_not_fit_raise_one_line(tmp_path, mamba_source):
+    from models.weights import load_pretrained
+
+    other = vim_names(create_model("mamba_tiny", 10, 32, depth=2, d_state=16).state_dict())
+    torch.save({"model": other}, tmp_path / "d16.pth")
+    half = {k: v for k, v in vim_names(mamba_source).items() if k != "layers.1.mixer.conv1d_b.weight"}
+    torch.save({"model": half}, tmp_path / "half.pth")
+    torch.save(create_model("vit_tiny", 10, 32, depth=1).state_dict(), tmp_path / "vit.pth")
+    for name, needle in [
+        ("d16", "first bad key 'blocks.0.mixer.A_log': shape [192, 16] in the file, [192, 8] in the model"),
+        ("half", "first bad key 'blocks.1.mixer.conv1d_b.weight': missing from the file"),
+        ("vit", "not Mamba weights"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            load_pretrained(create_model("mamba_tiny", 10, 32, depth=2), "mamba_tiny", str(tmp_path / f"{name}.pth"))
+        assert needle in str(e.value) and "\n" not in str(e.value), name
+
+
+def test_pos_embed_of_another_grid_is_resampled(tmp_path):
+    big = vim_names(create_model("mamba_tiny", 10, 64, depth=2).state_dict())  # 16 x 16 patches + 1
+    torch.save({"model": big}, tmp_path / "big.pth")
+    sd, _, notes = _load_into_fresh(str(tmp_path / "big.pth"))
+    assert sd["pos_embed"].shape == (1, 64, 96)
+    assert "pos_embed resampled from 256 to 64 patches" in notes
+
+
+def test_pretrained_file_runs_a_mamba_arch_and_refuses_a_cnn(run_main, vim_file, mamba_source):
+    flags = ("--arch", "mamba_tiny", "--depth", "2", "--pretrained_file", vim_file, "--prune_type", "pt")
+    small = ("--synthetic_size", "32", "--batch_size", "16", "--pruning_times", "1", "--epochs", "1", "--threads", "1")
+    rc, d, err = run_main(*flags, *small)
+    assert rc == 0, err
+    init = torch.load(os.path.join(d, "init.pth.tar"), map_location="cpu", weights_only=True)["state_dict"]
+    assert torch.equal(init["blocks.1.mixer.x_proj_b.weight"], mamba_source["blocks.1.mixer.x_proj_b.weight"])
+    rc, _, err = run_main("--arch", "res20s", "--pretrained_file", vim_file)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert f"--pretrained_file {vim_file}: needs a ViT or Mamba arch" in err
