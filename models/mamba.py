@@ -270,6 +270,19 @@ def _examples(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
 
 
+def _class_positions(sd: dict, n: int) -> tuple[list[int], str]:
+    """The class-token positions of a pos_embed of `n` positions over a square patch grid, and
+    where they sit: Vim's one `cls_token` in the middle (use_middle_cls_token, its published
+    models), its `cls_token_head` / `cls_token_tail` first and last, else leading (timm)."""
+    patches = math.isqrt(n) ** 2
+    extra = n - patches
+    if extra == 1 and "cls_token" in sd:
+        return [patches // 2], "Vim's middle cls_token"
+    if extra == 2 and "cls_token_head" in sd and "cls_token_tail" in sd:
+        return [0, n - 1], "Vim's head and tail cls tokens"
+    return list(range(extra)), "leading"
+
+
 def fit_mamba_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
     """Load Vim / mamba_ssm / our own weights into a VisionMamba, partially; returns the info lines.
 
@@ -278,7 +291,8 @@ def fit_mamba_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[
     Model tensors the file lacks keep their initialization, file tensors with no place
     (cls_token, embedding, lm_head, blocks beyond --depth) are ignored: one info line each.
     A classifier of another class count is re-initialized; a pos_embed with class-token
-    positions loses the leading ones and is resampled to the model's grid (models/weights.py)."""
+    positions loses them (`_class_positions`) and is resampled to the model's grid
+    (models/weights.py)."""
     from .weights import _shape, fit_head, fit_pos_embed
 
     own = model.state_dict()
@@ -289,10 +303,11 @@ def fit_mamba_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[
         sd = fit_head(model, own, sd, notes)
     pos, mine = sd.get("pos_embed"), own["pos_embed"]
     if pos is not None and pos.ndim == 3 and pos.shape[1] != mine.shape[1] and pos.shape[-1] == mine.shape[-1]:
-        prefix = pos.shape[1] - math.isqrt(pos.shape[1]) ** 2  # class-token positions (the grid is square)
-        if prefix:
-            sd["pos_embed"] = pos[:, prefix:]
-            notes.append(f"pos_embed: dropped {prefix} leading class-token position(s), the model has none")
+        drop, where = _class_positions(sd, pos.shape[1])
+        if drop:
+            keep = [i for i in range(pos.shape[1]) if i not in drop]
+            sd["pos_embed"] = pos[:, keep]
+            notes.append(f"pos_embed: dropped class-token position(s) {drop} ({where}), the model has none")
         fit_pos_embed(model, own, sd, notes, 0)
     covered = {m.group(1) for k in sd if (m := _MIXER.match(k))}
     for k, v in own.items():

@@ -395,7 +395,7 @@ def test_mamba_compact_training_equals_masked_training(run_main, tmp_path):
 # ------------------------------------------------------------------ published weights
 def vim_names(sd: dict) -> dict:
     """Our state dict under Vim's names (layers.N.mixer / layers.N.norm / norm_f, no MLPs), with a
-    cls_token and a pos_embed holding one extra class-token position in front."""
+    cls_token and a pos_embed holding its position in the middle (Vim's use_middle_cls_token)."""
     import re
 
     out = {}
@@ -408,7 +408,8 @@ def vim_names(sd: dict) -> dict:
         out[re.sub(r"^norm\.", "norm_f.", k)] = v.clone()
     dim = sd["pos_embed"].shape[-1]
     out["cls_token"] = torch.randn(1, 1, dim)
-    out["pos_embed"] = torch.cat([torch.randn(1, 1, dim), sd["pos_embed"]], 1)
+    pos, mid = sd["pos_embed"], sd["pos_embed"].shape[1] // 2
+    out["pos_embed"] = torch.cat([pos[:, :mid], torch.randn(1, 1, dim), pos[:, mid:]], 1)
     return out
 
 
@@ -443,7 +444,7 @@ def test_vim_names_load_the_mixers_and_keep_the_mlp_init(vim_file, mamba_source)
     assert mlp and all(torch.equal(sd[k], fresh[k]) for k in mlp)
     assert any(n.startswith(f"kept their initialization: {len(mlp)} tensors (e.g. blocks.0.norm2.") for n in notes)
     assert any(n.startswith("ignored, no place in the model: 1 tensors (e.g. cls_token)") for n in notes)
-    assert any("pos_embed: dropped 1 leading class-token position" in n for n in notes)
+    assert "pos_embed: dropped class-token position(s) [32] (Vim's middle cls_token), the model has none" in notes
 
 
 def test_mamba_ssm_backbone_names_load_and_our_own_file_loads_exactly(tmp_path, mamba_source):
@@ -480,12 +481,20 @@ def test_mamba_weights_that_do_not_fit_raise_one_line(tmp_path, mamba_source):
         assert needle in str(e.value) and "\n" not in str(e.value), name
 
 
-def test_pos_embed_of_another_grid_is_resampled(tmp_path):
+def test_pos_embed_loses_its_class_positions_and_is_resampled(tmp_path):
     big = vim_names(create_model("mamba_tiny", 10, 64, depth=2).state_dict())  # 16 x 16 patches + 1
     torch.save({"model": big}, tmp_path / "big.pth")
     sd, _, notes = _load_into_fresh(str(tmp_path / "big.pth"))
     assert sd["pos_embed"].shape == (1, 64, 96)
     assert "pos_embed resampled from 256 to 64 patches" in notes
+    assert any("position(s) [128] (Vim's middle cls_token)" in n for n in notes)
+    source = create_model("mamba_tiny", 10, 32, depth=2).state_dict()
+    lead = vim_names(source)
+    del lead["cls_token"]
+    lead["pos_embed"] = torch.cat([torch.randn(1, 1, 96), source["pos_embed"]], 1)  # no cls_token: leading
+    torch.save({"model": lead}, tmp_path / "lead.pth")
+    sd, _, notes = _load_into_fresh(str(tmp_path / "lead.pth"))
+    assert torch.equal(sd["pos_embed"], source["pos_embed"]) and any("[0] (leading)" in n for n in notes)
 
 
 def test_pretrained_file_runs_a_mamba_arch_and_refuses_a_cnn(run_main, vim_file, mamba_source):
