@@ -40,6 +40,8 @@ class Family:
     - `fit_weights(model, sd)`: loads a `--pretrained_file` state dict into a built model and
       returns the info lines (ValueError when it does not fit; models/weights.py). None: the
       family takes no --pretrained_file.
+    - `model_kwargs(args)`: the size/shape keywords of create_model this run asks for (--depth, and
+      the family's own flags); saved in checkpoints so resume, export and compare rebuild the model.
     """
 
     name: str
@@ -57,6 +59,7 @@ class Family:
     resize: Callable | None
     describe: Callable
     fit_weights: Callable | None = None
+    model_kwargs: Callable = lambda args: {"depth": args.depth} if getattr(args, "depth", None) else {}
 
     def regroups(self, args) -> bool:
         """Does this run regroup into units (else R = M, unstructured)?"""

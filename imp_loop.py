@@ -114,7 +114,7 @@ class IMPRun(CompactTraining):
         with rank_zero_first(self.dist):  # one download, then every rank reads it
             self.data = load_splits(args.dataset, args.data, strong, args.synthetic_size, args.img_size, norm)
         try:
-            kw = self.model_kwargs = {"depth": args.depth} if getattr(args, "depth", None) else {}  # --depth
+            kw = self.model_kwargs = family.model_kwargs(args)  # --depth, --mamba_direction
             self.model = create_model(args.arch, self.data.num_classes, self.data.img_size, **kw).to(self.device)
         except ValueError as e:  # an arch the ViT regroup cannot handle
             raise UsageError(str(e)) from None

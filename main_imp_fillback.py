@@ -173,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("ssm", "mlp", "both"),
         help="Mamba units regrouped: SSM inner channels (ssm), MLP neurons (mlp) or both (default: both)",
     )
+    g.add_argument(
+        "--mamba_direction",
+        default=None,
+        choices=("bidirectional", "forward"),
+        help="scan both ways (Vim, the default: patches have no causal order) or forward only (causal)",
+    )
     g = p.add_argument_group("Output")
     g.add_argument("--save_dir", default=None, help="output folder (default: {dataset}_{struct}_output_{run name})")
     g.add_argument("--exp_name", default=None, help="run name (default: auto)")
@@ -252,6 +258,10 @@ def validate(args: argparse.Namespace) -> None:
         (
             a.mamba_prune_target is None or family.name == "mamba",
             f"--mamba_prune_target {a.mamba_prune_target}: needs a Mamba arch (got --arch {a.arch})",
+        ),
+        (
+            a.mamba_direction is None or family.name == "mamba",
+            f"--mamba_direction {a.mamba_direction}: needs a Mamba arch (got --arch {a.arch})",
         ),
         (
             a.prune_type != "pt" or a.pretrained or a.pretrained_file,
@@ -338,6 +348,8 @@ def resolve(args: argparse.Namespace) -> None:
         args.vit_prune_target = "head"
     if family.name == "mamba" and args.mamba_prune_target is None:
         args.mamba_prune_target = "both"
+    if family.name == "mamba" and args.mamba_direction is None:
+        args.mamba_direction = "bidirectional"
     if args.workers is None:
         args.workers = 0 if args.dataset in ("digits", "synthetic", "cifar10", "cifar100") else default_workers()
     if args.exp_name is None:

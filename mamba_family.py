@@ -51,6 +51,12 @@ def _fit(model, sd):
     return fit_mamba_state_dict(model, sd)
 
 
+def _model_kwargs(args) -> dict:
+    kw = {"depth": args.depth} if getattr(args, "depth", None) else {}
+    direction = getattr(args, "mamba_direction", None)
+    return {**kw, "direction": direction} if direction and direction != "bidirectional" else kw
+
+
 MAMBA = register(
     Family(
         name="mamba",
@@ -68,5 +74,6 @@ MAMBA = register(
         resize=_resize,
         describe=_describe,
         fit_weights=_fit,
+        model_kwargs=_model_kwargs,
     )
 )

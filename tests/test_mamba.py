@@ -339,6 +339,35 @@ def test_mamba_flags_need_their_arch(run_main):
     assert rc == 2 and "--mamba_prune_target ssm: needs a Mamba arch" in err
     rc, _, err = run_main("--arch", "res20s", "--depth", "2")
     assert rc == 2 and "--depth 2: needs a ViT or Mamba arch" in err
+    rc, _, err = run_main("--arch", "vit_tiny", "--mamba_direction", "forward")
+    assert rc == 2 and "--mamba_direction forward: needs a Mamba arch" in err
+
+
+@pytest.mark.slow
+def test_forward_only_mamba_run_keeps_its_direction_through_checkpoints_and_export(run_main, tmp_path):
+    """--mamba_direction forward: a causal single-scan model (no backward parameters) is trained,
+    regrouped, saved with its model keywords, and exported smaller and equal."""
+    import export
+
+    flags = ("--arch", "mamba_tiny", "--depth", "1", "--mamba_direction", "forward", "--struct", "refill")
+    rc, d, err = run_main(*flags, "--rate", "0.3", "--pruning_times", "2", "--epochs", "1")
+    assert rc == 0, err
+    ck = _load(d, 1)
+    assert ck["model_kwargs"] == {"depth": 1, "direction": "forward"}
+    backward = {"conv1d_b", "x_proj_b", "dt_proj_b", "A_b_log", "D_b"}
+    assert "blocks.0.mixer.A_log" in ck["state_dict"] and not [
+        k for k in ck["state_dict"] if backward & set(k.split("."))
+    ]
+    out = tmp_path / "compact.pt"
+    argv = ["--checkpoint", os.path.join(d, "1checkpoint.pth.tar"), "--out", str(out), "--batch", "4"]
+    assert export.main(argv + ["--warmup", "0", "--repeats", "1", "--device", "cpu"]) == 0
+    compact_model = export.load_compact(str(out))
+    masked = export.masked_model(export.read_checkpoint(os.path.join(d, "1checkpoint.pth.tar")))
+    assert masked.blocks[0].mixer.direction == compact_model.blocks[0].mixer.direction == "forward"
+    assert export.count_params(compact_model) < export.count_params(masked)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel(compact_model(x), masked(x)) <= 1e-4
 
 
 @pytest.mark.slow
