@@ -36,6 +36,7 @@ SMALL = [
 ]
 RUNS = {
     "res20s": ["--arch", "res20s", "--struct", "rsst", "--pruning_times", "3", "--epochs", "1"],
+    "mamba_tiny": ["--arch", "mamba_tiny", "--depth", "1", "--struct", "rsst", "--pruning_times", "3", "--epochs", "1"],
     "vit_tiny": [
         "--arch",
         "vit_tiny",

@@ -405,3 +405,21 @@ def test_more_than_one_percent_unreadable_exits_2(run_main, tmp_path):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and "2 of the 6 test images are unreadable" in errors[0], err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_mamba_imagenet_geometry_on_a_folder_regroups_and_rebuilds_from_its_checkpoint(run_main, tmp_path):
+    """mamba_small_imagenet (patch 16, 2 blocks) on an image folder at 64 px: 2 states, inner channels and
+    neurons regrouped; the checkpoint rebuilds the same model (depth, image size)."""
+    root = write_tree(tmp_path / "folder", {"train": 12, "val": 2}, classes=3)
+    flags = ["--dataset", "folder", "--data", root, "--arch", "mamba_small_imagenet", "--depth", "2"]
+    flags += ["--img_size", "64", "--struct", "refill", "--rate", "0.3", "--pruning_times", "2", "--epochs", "1"]
+    rc, d, err = run_main(*flags, "--batch_size", "8", "--eval_batch_size", "4", *BASE, small=False)
+    assert rc == 0, err
+    ck = torch.load(os.path.join(d, "1checkpoint.pth.tar"), map_location="cpu", weights_only=True)
+    assert ck["num_classes"] == 3 and ck["img_size"] == 64 and ck["model_kwargs"]["depth"] == 2
+    model = create_model(ck["arch"], ck["num_classes"], ck["img_size"], **ck["model_kwargs"])
+    model.load_state_dict(ck["state_dict"])
+    hard = ck["masks"]["hard"]
+    kept = {n: int(m.count_nonzero()) for n, m in hard.items() if n.endswith("mixer.out_proj")}
+    assert kept and all(k < hard[n].numel() for n, k in kept.items())  # inner channels dropped in each block
