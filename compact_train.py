@@ -6,7 +6,7 @@ nothing are removed, so the compact forward and backward equal the masked ones u
 reordering). `CompactPhase` builds it from the dense model and the hard mask, moves the
 optimizer's per-parameter state into it by the same indices (the same optimizer object, its
 params swapped), and writes the trained values back into the dense model (`sync`) before every
-checkpoint and at the state end. Checkpoints, resume, the regroup, export and masks.png so see
+checkpoint and at the state end. Checkpoints, resume, the regroup, export and masks.png all see
 the dense model as before; the weights compaction removes keep their values there (in masked
 dense training an unmasked weight of a dropped unit would still shrink under weight decay; it has
 no effect on the output either way). What compaction cannot remove (residual-stream CNN channels,
