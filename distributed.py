@@ -137,11 +137,7 @@ def rank_zero_first(d: Dist):
 def max_over_ranks(value: int, d: Dist, device: torch.device) -> int:
     """The largest `value` over ranks (the signal that stops every rank at the same step, 0:
     none; a signal number, not a flag, so every process exits with the code of the one received)."""
-    if not d.enabled:
-        return value
-    t = torch.tensor(value, dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t)
+    return int(all_max(torch.tensor(value, dtype=torch.int64), d, device))
 
 
 def gather_to_main(obj, d: Dist) -> list | None:
