@@ -110,12 +110,6 @@ def crop_flip(x: torch.Tensor, pad: int, oy, ox, mirror) -> torch.Tensor:
     return x
 
 
-def crop_flip_batch(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.Tensor:
-    """`crop_flip` with parameters drawn from `g` (CPU) and moved to x's device."""
-    params = crop_flip_params(len(x), pad, flip, g)
-    return crop_flip(x, pad, *(None if p is None else p.to(x.device) for p in params))
-
-
 class DeviceLoader:
     """Batches of an in-memory uint8 dataset kept on the device, augmented there as whole
     batches (airbench-style): no worker processes, no host-to-device copies per step.

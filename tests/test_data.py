@@ -43,24 +43,30 @@ def test_epoch_sampler_shards_and_resumes():
     assert list(full)[20:] == list(tail) and len(tail) == 30
 
 
+def crop_flip_batch(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.Tensor:
+    """The loader's crop and flip of one batch, with its parameters drawn from `g` as the loader draws them."""
+    params = L.crop_flip_params(len(x), pad, flip, g)
+    return L.crop_flip(x, pad, *(None if p is None else p.to(x.device) for p in params))
+
+
 def test_crop_flip_batch_takes_windows_of_the_padded_image():
     torch.manual_seed(0)
     x = torch.randint(0, 255, (6, 3, 8, 8), dtype=torch.uint8)
-    y = L.crop_flip_batch(x, 2, True, torch.Generator().manual_seed(1))
+    y = crop_flip_batch(x, 2, True, torch.Generator().manual_seed(1))
     assert y.shape == x.shape and y.dtype == torch.uint8
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for b in range(6):
         windows = [padded[b, :, i : i + 8, j : j + 8] for i in range(5) for j in range(5)]
         windows += [w.flip(2) for w in windows]
         assert any(torch.equal(y[b], w) for w in windows)
-    same = L.crop_flip_batch(x, 2, True, torch.Generator().manual_seed(1))
+    same = crop_flip_batch(x, 2, True, torch.Generator().manual_seed(1))
     assert torch.equal(y, same)
-    assert torch.equal(L.crop_flip_batch(x, 0, False, torch.Generator()), x)
+    assert torch.equal(crop_flip_batch(x, 0, False, torch.Generator()), x)
 
 
 def test_crop_flip_batch_varies_per_image():
     x = torch.arange(64, dtype=torch.uint8).view(1, 1, 8, 8).repeat(32, 3, 1, 1)
-    y = L.crop_flip_batch(x, 2, True, torch.Generator().manual_seed(0))
+    y = crop_flip_batch(x, 2, True, torch.Generator().manual_seed(0))
     assert len({tuple(img.flatten().tolist()) for img in y}) > 8
 
 
@@ -102,7 +108,7 @@ def _reference_batches(loader):
     for b in range(len(loader)):
         idx = order[b * loader.batch_size : (b + 1) * loader.batch_size]
         seed = (loader.ds.epoch_seed * 1_000_003 + start + b + loader.rank * 0x9E3779B97F4A7C15) % (2**63)
-        x = L.crop_flip_batch(loader.images[idx], loader.aug.pad, loader.aug.flip, torch.Generator().manual_seed(seed))
+        x = crop_flip_batch(loader.images[idx], loader.aug.pad, loader.aug.flip, torch.Generator().manual_seed(seed))
         if loader.trivial is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(seed)
