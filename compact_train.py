@@ -24,6 +24,7 @@ import torch.nn as nn
 import pruning_utils as pu
 from compact import CompactError, Index, compact_model
 from distributed import wrap_for_training
+from export import count_macs, count_params, random_input
 
 
 def gather(t: torch.Tensor, ix: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -92,7 +93,7 @@ class CompactPhase:
             phase = CompactPhase(dense, hard, family)
         except CompactError:
             return None
-        return phase if count(phase.model) < count(dense) else None
+        return phase if count_params(phase.model) < count_params(dense) else None
 
     def ix(self, name: str) -> Index:
         return self.index.get(name, {})
@@ -207,14 +208,8 @@ class CompactTraining:
             self.set_hard(self.ticket.hard)
 
 
-def count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def macs_per_sample(model: nn.Module, img_size: int, device) -> int:
     """Forward multiply-accumulates of one sample (eval mode, no RNG drawn, the mode restored)."""
-    from export import count_macs, random_input
-
     was = model.training
     model.eval()
     try:
