@@ -197,7 +197,9 @@ def compact_state(
     try:
         family = family_of_model(model)
     except ValueError:
-        raise CompactError(f"{type(model).__name__}: no ViT block layout or CNN channel chains to compact") from None
+        raise CompactError(
+            f"{type(model).__name__}: no model family (ViT blocks, CNN channel chains, Mamba layers) can compact it"
+        ) from None
     return family.compact_units(model, masks, sd, {} if index is None else index, silent), sd
 
 

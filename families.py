@@ -20,6 +20,11 @@ from models import MODELS, TIMM_PREFIX
 FAMILY_MODULES: tuple[str, ...] = ("mamba_family",)  # modules that define and register further families
 
 
+def depth_kwargs(args) -> dict:
+    """create_model's keywords for --depth (every family's default `model_kwargs`)."""
+    return {"depth": args.depth} if getattr(args, "depth", None) else {}
+
+
 @dataclass(frozen=True)
 class Family:
     """What one model family needs from the search.
@@ -59,7 +64,7 @@ class Family:
     resize: Callable | None
     describe: Callable
     fit_weights: Callable | None = None
-    model_kwargs: Callable = lambda args: {"depth": args.depth} if getattr(args, "depth", None) else {}
+    model_kwargs: Callable = depth_kwargs
 
     def regroups(self, args) -> bool:
         """Does this run regroup into units (else R = M, unstructured)?"""

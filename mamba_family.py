@@ -7,7 +7,7 @@ before torch loads); the unit groups and the compaction load on first use.
 
 from __future__ import annotations
 
-from families import Family, register
+from families import Family, depth_kwargs, register
 from models import MODELS
 
 
@@ -52,7 +52,7 @@ def _fit(model, sd):
 
 
 def _model_kwargs(args) -> dict:
-    kw = {"depth": args.depth} if getattr(args, "depth", None) else {}
+    kw = depth_kwargs(args)
     direction = getattr(args, "mamba_direction", None)
     return {**kw, "direction": direction} if direction and direction != "bidirectional" else kw
 
