@@ -12,28 +12,14 @@ import time
 
 import pytest
 import torch
+from helpers import ENV, ROOT, small_run
 
 import checkpoints as C
 import distributed as D
 import loaders as L
 from dataset import augment_for, load_splits
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-SMALL = [
-    "--dataset",
-    "synthetic",
-    "--synthetic_size",
-    "64",
-    "--batch_size",
-    "32",
-    "--wandb",
-    "disabled",
-    "--device",
-    "cpu",
-    "--threads",
-    "1",
-]
+SMALL = small_run(64, 32)
 RUNS = {
     "res20s": ["--arch", "res20s", "--struct", "rsst", "--pruning_times", "3", "--epochs", "1"],
     "mamba_tiny": ["--arch", "mamba_tiny", "--depth", "1", "--struct", "rsst", "--pruning_times", "3", "--epochs", "1"],

@@ -13,26 +13,12 @@ import time
 import pytest
 import torch
 import yaml
+from helpers import ENV, ROOT, small_run
 
 import checkpoints
 import imp_loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-SMALL = [
-    "--dataset",
-    "synthetic",
-    "--synthetic_size",
-    "64",
-    "--batch_size",
-    "32",
-    "--wandb",
-    "disabled",
-    "--device",
-    "cpu",
-    "--threads",
-    "1",
-]
+SMALL = small_run(64, 32)
 CNN = ["--arch", "res20s", "--struct", "rsst", "--pruning_times", "2", "--epochs", "2"]
 VIT = [
     "--arch",

@@ -11,23 +11,9 @@ import time
 
 import pytest
 import torch
+from helpers import ENV, ROOT, small_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-SMALL = [
-    "--dataset",
-    "synthetic",
-    "--synthetic_size",
-    "96",
-    "--batch_size",
-    "32",
-    "--wandb",
-    "disabled",
-    "--device",
-    "cpu",
-    "--threads",
-    "1",
-]
+SMALL = small_run(96, 32)
 RUN = ["--arch", "res20s", "--struct", "rsst", "--pruning_times", "3", "--epochs", "2"]
 
 

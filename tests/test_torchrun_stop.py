@@ -14,29 +14,11 @@ import time
 
 import pytest
 import torch
+from helpers import ENV, ROOT, small_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 # 192 images at a global batch of 8: 24 steps per epoch, so the ranks' stop check (every 20 global
 # steps, imp_loop.STOP_CHECK_EVERY) falls at global step 40, step 16 of state 1's only epoch: mid-epoch
-SMALL = [
-    "--dataset",
-    "synthetic",
-    "--synthetic_size",
-    "192",
-    "--batch_size",
-    "8",
-    "--wandb",
-    "disabled",
-    "--device",
-    "cpu",
-    "--threads",
-    "1",
-    "--pruning_times",
-    "2",
-    "--epochs",
-    "1",
-]
+SMALL = small_run(192, 8) + ["--pruning_times", "2", "--epochs", "1"]
 RUNS = {  # arch flags, the rank that gets the signal
     "vit_tiny": (
         ["--arch", "vit_tiny", "--struct", "rsst", "--vit_structured", "--vit_prune_target", "both", "--rate", "0.3"],
